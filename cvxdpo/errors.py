@@ -1,0 +1,21 @@
+"""Errors a user can cause and fix: bad config values, bad files, bad data.
+
+Launchers print these as one line and exit; anything else is a bug and keeps
+its traceback.
+"""
+
+
+class CvxdpoError(Exception):
+    """Base of the errors that name a problem in the user's input."""
+
+
+class ConfigError(CvxdpoError, ValueError):
+    """A config value, model shape or mesh that cannot work."""
+
+
+class DataError(CvxdpoError, ValueError):
+    """A data file or row that cannot be read."""
+
+
+class MissingFileError(CvxdpoError, FileNotFoundError):
+    """A file or directory that the user named does not exist."""

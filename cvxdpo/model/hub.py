@@ -1,0 +1,252 @@
+"""Hugging Face GPT-2 weights in and out, with no torch at run time.
+
+`load_pretrained` reads `config.json` and `model.safetensors` (or a sharded
+`model.safetensors.index.json`) from a local directory in the hub's layout, or
+downloads them with `huggingface_hub` when given a hub name. Each tensor is
+checked for presence and shape, reshaped into cvxdpo's stacked layout and
+placed on the mesh with its own sharding. `save_pretrained` writes files that
+`transformers.GPT2LMHeadModel.from_pretrained` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+
+import jax
+import numpy as np
+import safetensors
+import safetensors.numpy
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from cvxdpo import mesh as mesh_lib
+from cvxdpo.errors import ConfigError, MissingFileError
+from cvxdpo.model import gpt2
+
+# The preset names are also the short names of the hub's GPT-2 repositories.
+HUB_REPOS = {
+    "distilgpt2": "distilbert/distilgpt2",
+    "gpt2": "openai-community/gpt2",
+    "gpt2-medium": "openai-community/gpt2-medium",
+    "gpt2-large": "openai-community/gpt2-large",
+}
+_WEIGHTS = "model.safetensors"
+_INDEX = "model.safetensors.index.json"
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> gpt2.GPT2Config:
+    """GPT2Config from a Hugging Face config dict; refuses what is not a plain GPT-2."""
+    if hf.get("model_type") != "gpt2":
+        raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}, not 'gpt2'; cvxdpo loads GPT-2 models only")
+    act = hf.get("activation_function", "gelu_new")
+    if act not in _TANH_GELUS:
+        raise ConfigError(f"{where}: activation_function {act!r} is not GPT-2's tanh GELU")
+    for flag, expected in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                           ("scale_attn_weights", True)):
+        if hf.get(flag, expected) != expected:
+            raise ConfigError(f"{where}: {flag}={hf[flag]} is not supported")
+    fields = dict(
+        vocab_size=hf.get("vocab_size", 50257),
+        n_positions=hf.get("n_positions", hf.get("n_ctx", 1024)),
+        n_embd=hf.get("n_embd", 768),
+        n_layer=hf.get("n_layer", 12),
+        n_head=hf.get("n_head", 12),
+        n_inner=hf.get("n_inner"),
+        layer_norm_epsilon=hf.get("layer_norm_epsilon", 1e-5),
+        bos_token_id=hf.get("bos_token_id") if hf.get("bos_token_id") is not None else 50256,
+        eos_token_id=hf.get("eos_token_id") if hf.get("eos_token_id") is not None else 50256,
+    )
+    return gpt2.GPT2Config(**{**fields, **overrides})
+
+
+def config_to_hf(cfg: gpt2.GPT2Config) -> dict:
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": cfg.vocab_size,
+        "n_positions": cfg.n_positions,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.n_inner,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": cfg.layer_norm_epsilon,
+        "resid_pdrop": cfg.dropout,
+        "embd_pdrop": cfg.dropout,
+        "attn_pdrop": cfg.dropout,
+        "initializer_range": 0.02,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": cfg.eos_token_id,
+        "tie_word_embeddings": True,
+    }
+
+
+def _layout(cfg: gpt2.GPT2Config) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
+    """Our parameter path -> (hub key pattern with {i} for the layer, hub tensor shape)."""
+    E, M = cfg.n_embd, cfg.d_mlp
+    per_layer = {
+        "ln_1_scale": ("h.{i}.ln_1.weight", (E,)),
+        "ln_1_bias": ("h.{i}.ln_1.bias", (E,)),
+        "qkv_kernel": ("h.{i}.attn.c_attn.weight", (E, 3 * E)),  # Conv1D weights are [in, out]
+        "qkv_bias": ("h.{i}.attn.c_attn.bias", (3 * E,)),
+        "attn_out_kernel": ("h.{i}.attn.c_proj.weight", (E, E)),
+        "attn_out_bias": ("h.{i}.attn.c_proj.bias", (E,)),
+        "ln_2_scale": ("h.{i}.ln_2.weight", (E,)),
+        "ln_2_bias": ("h.{i}.ln_2.bias", (E,)),
+        "fc_kernel": ("h.{i}.mlp.c_fc.weight", (E, M)),
+        "fc_bias": ("h.{i}.mlp.c_fc.bias", (M,)),
+        "mlp_out_kernel": ("h.{i}.mlp.c_proj.weight", (M, E)),
+        "mlp_out_bias": ("h.{i}.mlp.c_proj.bias", (E,)),
+    }
+    layout = {("blocks", name): spec for name, spec in per_layer.items()}
+    layout[("wte",)] = ("wte.weight", (cfg.vocab_size, E))
+    layout[("wpe",)] = ("wpe.weight", (cfg.n_positions, E))
+    layout[("ln_f_scale",)] = ("ln_f.weight", (E,))
+    layout[("ln_f_bias",)] = ("ln_f.bias", (E,))
+    return layout
+
+
+def _resolve(name_or_dir: str) -> str:
+    """A local directory holding the files, downloading from the hub when given a hub name."""
+    if os.path.isdir(name_or_dir):
+        return name_or_dir
+    if not _HUB_ID.fullmatch(name_or_dir):
+        raise MissingFileError(f"model directory {name_or_dir!r} does not exist (or is not a directory)")
+    import huggingface_hub
+
+    repo = HUB_REPOS.get(name_or_dir, name_or_dir)
+    try:
+        return huggingface_hub.snapshot_download(repo, allow_patterns=["config.json", "*.safetensors", _INDEX])
+    except Exception as e:  # network, auth or missing-repo errors all mean: cannot get these weights
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise MissingFileError(
+            f"{name_or_dir!r} is not a local directory and could not be fetched from the Hugging Face hub as {repo!r} "
+            f"({type(e).__name__}: {reason}); pass a directory with config.json and {_WEIGHTS}"
+        ) from None
+
+
+def _tensor_reader(directory: str) -> Callable[[str], np.ndarray | None]:
+    """A function key -> numpy tensor (None when absent), over one file or a sharded index."""
+    index_path = os.path.join(directory, _INDEX)
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
+    else:
+        path = os.path.join(directory, _WEIGHTS)
+        if not os.path.exists(path):
+            raise MissingFileError(f"{directory}: no {_WEIGHTS} (or {_INDEX}); cvxdpo reads safetensors weights only")
+        with safetensors.safe_open(path, framework="numpy") as f:
+            files = {k: path for k in f.keys()}
+
+    def read(key: str) -> np.ndarray | None:
+        for candidate in (key, "transformer." + key):
+            if candidate in files:
+                with safetensors.safe_open(files[candidate], framework="numpy") as f:
+                    return f.get_tensor(candidate)
+        return None
+
+    return read
+
+
+def _to_ours(path: tuple[str, ...], hub: np.ndarray, cfg: gpt2.GPT2Config) -> np.ndarray:
+    H, D, E = cfg.n_head, cfg.head_dim, cfg.n_embd
+    name = path[-1]
+    if name == "qkv_kernel":
+        return hub.reshape(E, 3, H, D)
+    if name == "qkv_bias":
+        return hub.reshape(3, H, D)
+    if name == "attn_out_kernel":
+        return hub.reshape(H, D, E)
+    if name == "wte":
+        return np.pad(hub, ((0, cfg.padded_vocab_size - cfg.vocab_size), (0, 0)))
+    return hub
+
+
+def _to_hub(path: tuple[str, ...], ours: np.ndarray, cfg: gpt2.GPT2Config) -> np.ndarray:
+    name = path[-1]
+    if name == "qkv_kernel":
+        return ours.reshape(cfg.n_embd, 3 * cfg.n_embd)
+    if name == "attn_out_kernel":
+        return ours.reshape(cfg.n_embd, cfg.n_embd)
+    if name == "qkv_bias":
+        return ours.reshape(-1)
+    if name == "wte":
+        return ours[: cfg.vocab_size]
+    return ours
+
+
+def load_pretrained(name_or_dir: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -> gpt2.GPT2:
+    """A GPT2 with the weights of a hub name (e.g. "gpt2") or a local directory in the hub's layout.
+
+    Each tensor is placed on `mesh` (default: all devices on the data axis) with
+    the sharding its logical axes give, never gathered whole on one device.
+    `config_overrides` (e.g. dtype="bfloat16") change the numerics, not shapes.
+    """
+    directory = _resolve(name_or_dir)
+    config_path = os.path.join(directory, "config.json")
+    if not os.path.exists(config_path):
+        raise MissingFileError(f"{directory}: no config.json; a model directory needs config.json and {_WEIGHTS}")
+    try:
+        with open(config_path) as f:
+            hf_config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
+    cfg = config_from_hf(hf_config, config_path, **config_overrides)
+    read = _tensor_reader(directory)
+
+    mesh = mesh or mesh_lib.make_mesh()
+    with mesh_lib.use_mesh(mesh):
+        graphdef, abstract = nnx.get_abstract_model(lambda: gpt2.create(cfg), mesh)
+    layout = _layout(cfg)
+    flat = []
+    for path, var in nnx.to_flat_state(abstract):
+        key, hub_shape = layout[path]
+        target = var.get_value()
+        layers = range(cfg.n_layer) if path[0] == "blocks" else [None]
+        pieces = []
+        for i in layers:
+            k = key.format(i=i)
+            t = read(k)
+            if t is None:
+                raise ConfigError(f"{directory}: tensor {k!r} is missing from the weights")
+            if tuple(t.shape) != hub_shape:
+                raise ConfigError(f"{directory}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies {hub_shape}")
+            pieces.append(_to_ours(path, t, cfg))
+        value = np.stack(pieces) if path[0] == "blocks" else pieces[0]
+        value = jax.device_put(value.astype(target.dtype), target.sharding)
+        flat.append((path, var.replace(value=value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_pretrained(model: gpt2.GPT2, directory: str) -> None:
+    """Writes config.json and model.safetensors (hub key names) that transformers loads.
+
+    Collective over processes (each gathers the sharded weights); only process 0 writes.
+    """
+    cfg = model.cfg
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(f"save_pretrained: {directory!r} exists and is not a directory")
+    layout = _layout(cfg)
+    tensors = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        host = np.asarray(multihost_utils.process_allgather(value, tiled=True)) if not value.is_fully_addressable \
+            else np.asarray(jax.device_get(value))
+        key, _ = layout[path]
+        host = host.astype(np.float32)
+        if path[0] == "blocks":
+            for i in range(cfg.n_layer):
+                tensors[key.format(i=i)] = np.ascontiguousarray(_to_hub(path, host[i], cfg))
+        else:
+            tensors[key] = np.ascontiguousarray(_to_hub(path, host, cfg))
+    if jax.process_index() == 0:
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg), f, indent=2)
+        safetensors.numpy.save_file(tensors, os.path.join(directory, _WEIGHTS), metadata={"format": "pt"})

@@ -1,0 +1,37 @@
+"""Test session setup: 8 simulated CPU devices, float64 available, absl flags parsed.
+
+The device count must be fixed before the first JAX operation, so it is set
+here, at import, before any test module imports jax.
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+from absl import flags  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+flags.FLAGS.mark_as_parsed()  # Grain reads absl flags; plain pytest never parses them.
+
+SHARED_DATA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+
+
+@pytest.fixture
+def mesh1():
+    """A one-device mesh (what a one-GPU user gets with the default -1,1,1)."""
+    from cvxdpo import mesh as mesh_lib
+
+    return mesh_lib.make_mesh("1,1,1", devices=jax.devices()[:1])
+
+
+@pytest.fixture
+def shared_data():
+    """The folder of real sample data beside the repository; tests skip without it."""
+    path = os.environ.get("CVXDPO_SHARED_DATA", SHARED_DATA)
+    if not os.path.isdir(path):
+        pytest.skip(f"shared sample data folder not found at {path}")
+    return path
