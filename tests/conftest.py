@@ -1,4 +1,4 @@
-"""Test session setup: 8 simulated CPU devices, float64 available, absl flags parsed.
+"""Test session setup: 8 simulated CPU devices, float64 available, absl flags parsed, hub offline.
 
 The device count must be fixed before the first JAX operation, so it is set
 here, at import, before any test module imports jax.
@@ -9,6 +9,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network; the hub code fails fast
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
