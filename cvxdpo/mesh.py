@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -90,10 +91,77 @@ def logical_to_spec(logical: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(rules.get(name) if name is not None else None for name in logical))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a batch array: the leading axis over (data, fsdp), the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of any batch array: the leading axis over (data, fsdp), the rest replicated."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_size(mesh: Mesh, *axes: str) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """Pins an activation's layout by logical names when a mesh is set.
+
+    A no-op without a mesh, and for a dimension its mesh axes do not divide
+    (e.g. a batch of 3 prompts on 8 devices), which then stays replicated.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    spec = []
+    for dim, axes in zip(x.shape, logical_to_spec(logical)):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        spec.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def check_batch_divides(global_batch: int, mesh: Mesh, what: str = "batch") -> None:
+    shards = axis_size(mesh, *BATCH_AXES)
+    if global_batch % shards:
+        raise ConfigError(
+            f"{what} size {global_batch} is not divisible by the mesh's data x fsdp = "
+            f"{mesh.shape['data']} x {mesh.shape['fsdp']} = {shards} batch shards"
+        )
+
+
+def place_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global batch arrays sharded over (data, fsdp) from this process's rows.
+
+    Each process passes only its own rows (the global batch is the
+    concatenation over processes in process order); with one process the rows
+    are the whole batch.
+    """
+    out = {}
+    for name, rows in local.items():
+        rows = np.asarray(rows)
+        check_batch_divides(rows.shape[0] * jax.process_count(), mesh, f"batch ({name})")
+        out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh), rows)
+    return out
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, auto: bool = False) -> None:
+    """Joins a multi-process run; call before any other JAX operation.
+
+    With a coordinator address the three values are used as given; with
+    `auto`, JAX reads the cluster environment it understands (SLURM, Open MPI,
+    Kubernetes, TPU pods). Without either this is a one-process run.
+    """
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ConfigError("--coordinator_address needs --num_processes and --process_id too")
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process_id={process_id} must be in [0, --num_processes={num_processes})")
+        kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id)
+    elif auto:
+        kwargs = {}
+    else:
+        return
+    # CPU devices of several processes talk through gloo; accelerators use their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)

@@ -23,8 +23,7 @@ SEED = flags.DEFINE_integer("seed", 0, "Sampling and init seed.")
 def load_model(spec: str, mesh, vocab_size: int):
     """A preset gets fresh weights sized to the tokenizer; anything else is loaded as pretrained."""
     if spec in gpt2.PRESETS and spec not in hub.HUB_REPOS:
-        with mesh_lib.use_mesh(mesh):
-            return gpt2.create(gpt2.preset(spec, vocab_size=vocab_size), seed=SEED.value)
+        return gpt2.create(gpt2.preset(spec, vocab_size=vocab_size), seed=SEED.value, mesh=mesh)
     return hub.load_pretrained(spec, mesh=mesh)
 
 

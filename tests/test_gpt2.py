@@ -11,7 +11,6 @@ import safetensors.numpy
 import torch
 import transformers
 
-from cvxdpo import mesh as mesh_lib
 from cvxdpo.errors import ConfigError, MissingFileError
 from cvxdpo.model import generate, gpt2, hub
 from hf_reference import hf_logits, write_hf_gpt2
@@ -68,8 +67,7 @@ def test_left_padding_changes_nothing(tmp_path, mesh1):
 
 
 def test_save_pretrained_round_trips_through_transformers(tmp_path, mesh1):
-    with mesh_lib.use_mesh(mesh1):
-        model = gpt2.create(gpt2.preset("tiny", vocab_size=300, eos_token_id=299, bos_token_id=299), seed=3)
+    model = gpt2.create(gpt2.preset("tiny", vocab_size=300, eos_token_id=299, bos_token_id=299), seed=3, mesh=mesh1)
     hub.save_pretrained(model, str(tmp_path / "out"))
     ref = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "out")).eval()
     ids, mask = _batch(300, [9, 5])
@@ -135,8 +133,7 @@ def test_sampling_filters(mesh1):
 
 
 def test_generation_is_seeded_and_compiles_once_per_shape(mesh1):
-    with mesh_lib.use_mesh(mesh1):
-        model = gpt2.create(gpt2.preset("tiny", vocab_size=300, eos_token_id=299), seed=1)
+    model = gpt2.create(gpt2.preset("tiny", vocab_size=300, eos_token_id=299), seed=1, mesh=mesh1)
     a = generate.generate(model, [[1, 2, 3]], 8, temperature=1.0, seed=7)
     b = generate.generate(model, [[1, 2, 3]], 8, temperature=1.0, seed=7)
     np.testing.assert_array_equal(a.tokens, b.tokens)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cvxdpo import mesh as mesh_lib
 from cvxdpo.errors import ConfigError
 
 
@@ -117,28 +118,50 @@ def _dropout(x, rate, rng):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+# Per-layer parameters of a block: logical axes (after the leading "layers" axis) and initializer kind.
+BLOCK_PARAMS = {
+    "ln_1_scale": ((None,), "ones"),
+    "ln_1_bias": ((None,), "zeros"),
+    "qkv_kernel": (("embed", None, "heads", "kv"), "normal"),
+    "qkv_bias": ((None, "heads", "kv"), "zeros"),
+    "attn_out_kernel": (("heads", "kv", "embed"), "proj"),
+    "attn_out_bias": ((None,), "zeros"),
+    "ln_2_scale": ((None,), "ones"),
+    "ln_2_bias": ((None,), "zeros"),
+    "fc_kernel": (("embed", "mlp"), "normal"),
+    "fc_bias": (("mlp",), "zeros"),
+    "mlp_out_kernel": (("mlp", "embed"), "proj"),
+    "mlp_out_bias": ((None,), "zeros"),
+}
+
+
+def _block_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
+    E, H, D, M = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.d_mlp
+    return {"ln_1_scale": (E,), "ln_1_bias": (E,), "qkv_kernel": (E, 3, H, D), "qkv_bias": (3, H, D),
+            "attn_out_kernel": (H, D, E), "attn_out_bias": (E,), "ln_2_scale": (E,), "ln_2_bias": (E,),
+            "fc_kernel": (E, M), "fc_bias": (M,), "mlp_out_kernel": (M, E), "mlp_out_bias": (E,)}
+
+
+def _gathered(value: jax.Array, logical) -> jax.Array:
+    """FSDP: a parameter is stored split over "embed" and used whole (all-gathered just in time)."""
+    return mesh_lib.constrain(value, tuple(None if a == "embed" else a for a in logical))
+
+
 class Blocks(nnx.Module):
     """All transformer blocks, parameters stacked on a leading layer axis."""
 
     def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        L, E, H, D, M = cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.d_mlp
         pd = jnp.dtype(cfg.param_dtype)
-        normal = nnx.initializers.normal(0.02)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
-        proj = nnx.initializers.normal(0.02 / math.sqrt(2 * L))
-        ones, zeros = nnx.initializers.ones, nnx.initializers.zeros
-        self.ln_1_scale = _param(rngs, ones, (L, E), ("layers", None), pd)
-        self.ln_1_bias = _param(rngs, zeros, (L, E), ("layers", None), pd)
-        self.qkv_kernel = _param(rngs, normal, (L, E, 3, H, D), ("layers", "embed", None, "heads", "kv"), pd)
-        self.qkv_bias = _param(rngs, zeros, (L, 3, H, D), ("layers", None, "heads", "kv"), pd)
-        self.attn_out_kernel = _param(rngs, proj, (L, H, D, E), ("layers", "heads", "kv", "embed"), pd)
-        self.attn_out_bias = _param(rngs, zeros, (L, E), ("layers", None), pd)
-        self.ln_2_scale = _param(rngs, ones, (L, E), ("layers", None), pd)
-        self.ln_2_bias = _param(rngs, zeros, (L, E), ("layers", None), pd)
-        self.fc_kernel = _param(rngs, normal, (L, E, M), ("layers", "embed", "mlp"), pd)
-        self.fc_bias = _param(rngs, zeros, (L, M), ("layers", "mlp"), pd)
-        self.mlp_out_kernel = _param(rngs, proj, (L, M, E), ("layers", "mlp", "embed"), pd)
-        self.mlp_out_bias = _param(rngs, zeros, (L, E), ("layers", None), pd)
+        inits = {
+            "ones": nnx.initializers.ones,
+            "zeros": nnx.initializers.zeros,
+            "normal": nnx.initializers.normal(0.02),
+            # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+            "proj": nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+        }
+        for name, shape in _block_shapes(cfg).items():
+            logical, init = BLOCK_PARAMS[name]
+            setattr(self, name, _param(rngs, inits[init], (cfg.n_layer, *shape), ("layers", *logical), pd))
 
 
 def _block(cfg: GPT2Config, p: dict, x, mask, layer_cache, cache_index, rng):
@@ -175,8 +198,8 @@ def _block(cfg: GPT2Config, p: dict, x, mask, layer_cache, cache_index, rng):
 class GPT2(nnx.Module):
     """GPT-2 language model with tied input/output embedding.
 
-    Build it inside `cvxdpo.mesh.use_mesh(mesh)` (the logical annotations need a
-    mesh). Call it with token ids and an attention mask (1 = real token).
+    Build it with `create` (sharded on a mesh) or `hub.load_pretrained`. Call it
+    with token ids and an attention mask (1 = real token).
     """
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
@@ -222,18 +245,22 @@ class GPT2(nnx.Module):
         causal = q_pos[:, None] >= jnp.arange(S)[None, :]
         mask = (causal[None, None] & key_mask[:, None, None, :])  # (B, 1, T, S)
 
-        wte = self.wte[...]
-        x = (wte.astype(dt)[input_ids] + self.wpe[...].astype(dt)[positions]).astype(dt)
+        wte = _gathered(self.wte[...], ("vocab", "embed"))
+        # The lookup reads a whole copy of the table (a gather from a vocab-split table makes XLA
+        # replicate its output anyway); the output projection below keeps the vocab split.
+        table = mesh_lib.constrain(wte, (None, None)).astype(dt)
+        x = (table[input_ids] + _gathered(self.wpe[...], (None, "embed")).astype(dt)[positions]).astype(dt)
         rngs = (None,) * 2 if dropout_rng is None else tuple(jax.random.split(dropout_rng, 2))
-        x = _dropout(x, cfg.dropout, rngs[0])
+        x = mesh_lib.constrain(_dropout(x, cfg.dropout, rngs[0]), ("batch", "length", None))
 
-        params = {k: v[...] for k, v in vars(self.blocks).items() if isinstance(v, nnx.Param)}
+        params = {k: getattr(self.blocks, k)[...] for k in BLOCK_PARAMS}
         layer_rngs = None if rngs[1] is None else jax.random.split(rngs[1], cfg.n_layer)
 
         def body(carry, scanned):
             p, layer_cache, rng = scanned
+            p = {k: _gathered(v, BLOCK_PARAMS[k][0]) for k, v in p.items()}
             y, layer_cache = _block(cfg, p, carry, mask, layer_cache, cache_index, rng)
-            return y, layer_cache
+            return mesh_lib.constrain(y, ("batch", "length", None)), layer_cache
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
@@ -243,7 +270,7 @@ class GPT2(nnx.Module):
         logits = jnp.einsum("bte,ve->btv", hidden, wte.astype(dt))
         valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
         logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
-        return GPT2Output(logits, hidden, new_cache)
+        return GPT2Output(mesh_lib.constrain(logits, ("batch", "length", "vocab")), hidden, new_cache)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache of `length` slots for `batch` sequences."""
@@ -253,9 +280,35 @@ class GPT2(nnx.Module):
         return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
 
 
-def create(cfg: GPT2Config, seed: int = 0) -> GPT2:
-    """A randomly initialized GPT-2 (GPT-2's own initialization). Call inside `use_mesh`."""
-    return GPT2(cfg, rngs=nnx.Rngs(params=seed))
+def check_fits_mesh(cfg: GPT2Config, mesh: jax.sharding.Mesh) -> None:
+    """Every sharded dimension must divide by its mesh axis; says which one does not."""
+    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
+    for what, n, axis, size in (("n_head", cfg.n_head, "tensor", tensor), ("MLP width", cfg.d_mlp, "tensor", tensor),
+                                ("padded vocabulary", cfg.padded_vocab_size, "tensor", tensor),
+                                ("n_embd", cfg.n_embd, "fsdp", fsdp)):
+        if n % size:
+            raise ConfigError(f"model {what}={n} is not divisible by the mesh's {axis} axis of size {size}")
+
+
+def abstract_model(cfg: GPT2Config, mesh: jax.sharding.Mesh, seed: int = 0):
+    """(graphdef, abstract state) whose leaves carry their NamedShardings on `mesh`."""
+    check_fits_mesh(cfg, mesh)
+    with mesh_lib.use_mesh(mesh):
+        return nnx.get_abstract_model(lambda: GPT2(cfg, rngs=nnx.Rngs(params=seed)), mesh)
+
+
+def create(cfg: GPT2Config, seed: int = 0, mesh: jax.sharding.Mesh | None = None) -> GPT2:
+    """A randomly initialized GPT-2 (GPT-2's own init), created already sharded on `mesh`.
+
+    The initializer runs under `jax.jit` with the parameters' shardings as
+    out_shardings, so no device ever holds a whole copy of a sharded tensor.
+    """
+    mesh = mesh or mesh_lib.make_mesh()
+    graphdef, abstract = abstract_model(cfg, mesh, seed)
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    with mesh_lib.use_mesh(mesh):
+        state = jax.jit(lambda: nnx.state(GPT2(cfg, rngs=nnx.Rngs(params=seed))), out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
 
 
 def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:

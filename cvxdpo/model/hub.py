@@ -201,8 +201,7 @@ def load_pretrained(name_or_dir: str, mesh: jax.sharding.Mesh | None = None, **c
     read = _tensor_reader(directory)
 
     mesh = mesh or mesh_lib.make_mesh()
-    with mesh_lib.use_mesh(mesh):
-        graphdef, abstract = nnx.get_abstract_model(lambda: gpt2.create(cfg), mesh)
+    graphdef, abstract = gpt2.abstract_model(cfg, mesh)
     layout = _layout(cfg)
     flat = []
     for path, var in nnx.to_flat_state(abstract):
