@@ -1,21 +1,38 @@
-"""What every entry point shares: the --mesh flag and one-line errors for user mistakes."""
+"""What every entry point shares: --mesh, the multi-host flags, and one-line errors for user mistakes."""
 
 import sys
 
-from absl import app, flags
+import jax
+from absl import app, flags, logging
 
+from cvxdpo import mesh as mesh_lib
 from cvxdpo.errors import CvxdpoError
 
 MESH = flags.DEFINE_string(
     "mesh", "-1,1,1",
     "Mesh shape over (data, fsdp, tensor); -1 fills with the devices present. E.g. 8,1,1 or 2,2,2.")
+COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for a multi-process run (one process per host).")
+NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in a multi-process run.")
+PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join a multi-process run described by the cluster environment that JAX reads "
+    "(SLURM, Open MPI, Kubernetes, TPU pods) instead of the three flags above.")
 
 
 def run(main):
-    """absl.app.run(main), printing a CvxdpoError as one line (exit 2) instead of a traceback."""
+    """absl.app.run(main) with multi-host set up first and user errors printed as one line (exit 2).
+
+    jax.distributed is initialized before main runs any other JAX code; only
+    process 0 logs at INFO, the others log errors only.
+    """
 
     def guarded(argv):
         try:
+            mesh_lib.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
+                                            auto=MULTIHOST.value)
+            if jax.process_index() != 0:
+                logging.set_verbosity(logging.ERROR)
             return main(argv)
         except CvxdpoError as e:
             print(f"error: {e}", file=sys.stderr)

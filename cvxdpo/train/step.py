@@ -31,7 +31,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, loss_fn: LossFn,
         (loss, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads)}
+        metrics = {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)}
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     jitted = jit_step(step, mesh, shardings)
