@@ -1,0 +1,150 @@
+"""The paper's Educational-Tutor conversations and its *alternating* preference strategy.
+
+A conversation is a list of utterances u_0, u_1, ... spoken in turn by two
+agents. For a position i the pair is: prompt = u_i, chosen = u_{i+1} (the reply
+that immediately follows), rejected = u_{i+2} (two steps on, spoken by the other
+agent than the one that replied). The paper uses i = 0 only; `slide=True` takes
+every i, and `with_history=True` prefixes the prompt with u_0..u_{i-1}. Pairs
+whose chosen and rejected texts are equal are dropped and counted.
+
+Files: the paper's Appendix-A schema (`sample_id, length, temperature,
+initial_utterance, n, agent1, agent2, utterances=[[speaker, text], ...]`), one
+conversation per JSON line (`.jsonl`, `.jsonl.gz`) or a JSON list; or the
+common chat layout, `{"messages": [{"role", "content"}, ...]}` or a bare list
+of such messages per line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import importlib.resources
+import json
+import zlib
+from collections.abc import Iterator, Sequence
+
+from cvxdpo.data.records import BadRows, FieldError, Pair, check_file, iter_json_lines, plain_copy
+
+# The paper's list has 15 entries with literature twice: 14 distinct subjects.
+PAPER_SUBJECTS = ("math", "science", "history", "literature", "art", "geography", "biology", "physics",
+                  "chemistry", "music", "mythology", "astrology", "literature", "philosophy", "chess")
+SUBJECTS = tuple(dict.fromkeys(PAPER_SUBJECTS))
+SCHEMA_FIELDS = ("sample_id", "length", "temperature", "initial_utterance", "n", "agent1", "agent2", "utterances")
+BUNDLED = "tutor_conversations.jsonl.gz"
+
+
+def bundled_path() -> str:
+    """The 4000 generated conversations shipped inside the package (made by tools/make_tutor_dataset.py)."""
+    return str(importlib.resources.files("cvxdpo.data") / "bundled" / BUNDLED)
+
+
+@dataclasses.dataclass
+class Conversation:
+    utterances: list[tuple[str, str]]  # (speaker, text)
+    meta: dict
+
+
+def parse_conversation(row) -> Conversation:
+    """A Conversation from an Appendix-A row or a chat-layout row; FieldError names what is wrong."""
+    if isinstance(row, list) or (isinstance(row, dict) and "messages" in row):
+        messages = row if isinstance(row, list) else row["messages"]
+        if not isinstance(messages, list):
+            raise FieldError("wrong type: 'messages' is not a list")
+        turns = []
+        for k, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                raise FieldError(f"wrong type: message {k} is not {{'role': str, 'content': str}}")
+            turns.append((m["role"], m["content"]))
+        meta = {} if isinstance(row, list) else {k: v for k, v in row.items() if k != "messages"}
+        return Conversation(turns, meta)
+    if not isinstance(row, dict):
+        raise FieldError(f"wrong type: conversation is {type(row).__name__}")
+    if "utterances" not in row:
+        raise FieldError("missing field: 'utterances'")
+    utterances = row["utterances"]
+    if not isinstance(utterances, list):
+        raise FieldError("wrong type: 'utterances' is not a list")
+    turns = []
+    for k, u in enumerate(utterances):
+        if not (isinstance(u, (list, tuple)) and len(u) == 2 and all(isinstance(x, str) for x in u)):
+            raise FieldError(f"wrong type: utterance {k} is not [speaker, text]")
+        turns.append((u[0], u[1]))
+    return Conversation(turns, {k: v for k, v in row.items() if k != "utterances"})
+
+
+def alternating_pairs(conv: Conversation, slide: bool = False, with_history: bool = False) -> tuple[list[Pair], int]:
+    """The alternating pairs of one conversation, and how many were dropped (chosen == rejected)."""
+    u = conv.utterances
+    pairs, dropped = [], 0
+    for i in range(len(u) - 2 if slide else min(1, len(u) - 2)):
+        (_, prompt), (replier, chosen), (other, rejected) = u[i], u[i + 1], u[i + 2]
+        if other == replier or not chosen.strip() or not rejected.strip() or not prompt.strip():
+            dropped += 1
+            continue
+        if chosen.strip() == rejected.strip():
+            dropped += 1
+            continue
+        if with_history and i:
+            prompt = "\n\n".join(text for _, text in u[: i + 1])
+        meta = {"position": i, **{k: conv.meta[k] for k in ("sample_id", "subject") if k in conv.meta}}
+        pairs.append(Pair(prompt=prompt, chosen=chosen, rejected=rejected, meta=meta))
+    return pairs, dropped
+
+
+def read_conversations(path: str, bad: BadRows) -> Iterator[Conversation]:
+    """Conversations from a JSON list or JSON lines (optionally gzipped); bad ones go to `bad`."""
+    check_file(path, "conversation file")
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        head = f.read(64).lstrip()
+    if head.startswith(b"["):  # one JSON document holding a list of conversations
+        try:
+            with opener(path, "rt", encoding="utf-8") as f:
+                rows = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            bad.skip(path, None, f"broken JSON: {e}")
+            return
+        if not isinstance(rows, list):
+            bad.skip(path, None, "wrong type: the document is not a list of conversations")
+            return
+        if rows and isinstance(rows[0], dict) and "role" in rows[0]:
+            rows = [rows]  # the whole file is one chat
+        numbered = ((k, row) for k, row in enumerate(rows, start=1))
+    else:
+        numbered = ((lineno, row) for lineno, _, row in iter_json_lines(plain_copy(path), bad, display=path))
+    for where, row in numbered:
+        try:
+            yield parse_conversation(row)
+        except FieldError as e:
+            bad.skip(path, where, str(e))
+
+
+@dataclasses.dataclass
+class TutorPairs:
+    pairs: list[Pair]
+    conversations: int
+    dropped_equal: int
+    bad: BadRows
+
+
+def load_tutor_pairs(path: str | None = None, slide: bool = False, with_history: bool = False,
+                     strict: bool = False) -> TutorPairs:
+    """All alternating pairs of a conversation file (default: the bundled tutor set)."""
+    path = path or bundled_path()
+    bad = BadRows(strict)
+    pairs, dropped, n = [], 0, 0
+    for conv in read_conversations(path, bad):
+        n += 1
+        more, d = alternating_pairs(conv, slide=slide, with_history=with_history)
+        pairs.extend(more)
+        dropped += d
+    return TutorPairs(pairs, n, dropped, bad)
+
+
+def split_pairs(pairs: Sequence[Pair], eval_fraction: float, key: str = "sample_id") -> tuple[list, list]:
+    """Train / held-out split by conversation (never the same conversation on both sides)."""
+    def held_out(p: Pair) -> bool:
+        return zlib.crc32(str(p.meta.get(key)).encode()) % 1000 < eval_fraction * 1000
+
+    return [p for p in pairs if not held_out(p)], [p for p in pairs if held_out(p)]
+
