@@ -151,12 +151,14 @@ class JsonlIndex(Sequence):
     """Random access to the usable rows of JSON-lines files, parsed into records by `parse`.
 
     `parse(row) -> record` raises FieldError for an unusable row; it runs once
-    while indexing (to find bad rows) and again on each read.
+    while indexing (to find bad rows) and again on each read. `keep(file_id,
+    offset, record)`, when given, decides which good rows are indexed.
     """
 
     def __init__(self, paths: Sequence[str], parse: Callable[[Mapping], Any], bad: BadRows,
-                 cache_dir: str | None = None, keep: Callable[[str, int, Mapping, Any], bool] | None = None):
+                 cache_dir: str | None = None, keep: Callable[[int, int, Any], bool] | None = None):
         self.parse = parse
+        self.bad = bad
         self.files: list[str] = []
         self._file_ids, self._offsets = array.array("i"), array.array("q")
         for path in paths:
@@ -171,7 +173,7 @@ class JsonlIndex(Sequence):
                 except FieldError as e:
                     bad.skip(path, lineno, str(e))
                     continue
-                if keep is None or keep(path, lineno, row, record):
+                if keep is None or keep(file_id, offset, record):
                     self._file_ids.append(file_id)
                     self._offsets.append(offset)
 

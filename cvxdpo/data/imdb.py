@@ -1,0 +1,134 @@
+"""IMDb movie reviews: SFT examples and review-prefix prompts (2-8 tokens, as in the DPO paper).
+
+Sources: a CSV with `text` and `label` columns (and optionally `is_valid`, as
+the fastai sample has), an `aclImdb/` directory ({train,test}/{pos,neg}/*.txt),
+or the hub's `stanfordnlp/imdb`. Labels are 1 = positive, 0 = negative.
+Preference pairs sampled from a model and ranked by a sentiment scorer belong
+to the evaluation code.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import random
+from collections.abc import Sequence
+
+from cvxdpo.data.hub_stream import stream_to_jsonl
+from cvxdpo.data.records import BadRows, Pair, check_file, iter_json_lines
+from cvxdpo.errors import ConfigError, MissingFileError
+
+HUB_NAME = "stanfordnlp/imdb"
+LABELS = {"positive": 1, "pos": 1, "1": 1, "negative": 0, "neg": 0, "0": 0}
+SPLITS = ("train", "test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Review:
+    text: str
+    label: int  # 1 positive, 0 negative
+
+
+def clean(text: str) -> str:
+    return text.replace("<br /><br />", "\n").replace("<br />", " ").strip()
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ConfigError(f"IMDb split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
+
+
+def from_csv(path: str, split: str | None = None, strict: bool = False) -> tuple[list[Review], BadRows]:
+    """Reviews of a CSV; with an `is_valid` column, split "train" keeps the rows where it is false."""
+    check_file(path, "IMDb CSV")
+    if split is not None:
+        _check_split(split)
+    bad = BadRows(strict)
+    reviews = []
+    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+        reader = csv.DictReader(f)
+        missing = {"text", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise ConfigError(f"{path}: CSV lacks column(s) {', '.join(sorted(missing))}")
+        try:
+            for row in reader:
+                text, label = row.get("text"), str(row.get("label", "")).strip().lower()
+                if label not in LABELS:
+                    bad.skip(path, reader.line_num, f"bad value: label {row.get('label')!r}")
+                    continue
+                if not text or not text.strip():
+                    bad.skip(path, reader.line_num, "empty text: 'text'")
+                    continue
+                if split is not None and "is_valid" in row:
+                    held = str(row["is_valid"]).strip().lower() in ("true", "1")
+                    if held != (split == "test"):
+                        continue
+                reviews.append(Review(clean(text), LABELS[label]))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 near line {reader.line_num} ({e.reason})") from None
+    return reviews, bad
+
+
+def from_acl_directory(root: str, split: str = "train", strict: bool = False) -> tuple[list[Review], BadRows]:
+    """Reviews of an aclImdb/ tree (reads every file of the split; 25,000 reviews is ~33 MB)."""
+    _check_split(split)
+    bad = BadRows(strict)
+    reviews = []
+    for name, label in (("pos", 1), ("neg", 0)):
+        folder = os.path.join(root, split, name)
+        if not os.path.isdir(folder):
+            raise MissingFileError(f"IMDb directory {root!r} has no {split}/{name}/ folder")
+        for fname in sorted(os.listdir(folder)):
+            path = os.path.join(folder, fname)
+            try:
+                with open(path, encoding="utf-8") as f:
+                    text = f.read()
+            except UnicodeDecodeError as e:
+                bad.skip(path, None, f"not UTF-8: {e.reason}")
+                continue
+            if not text.strip():
+                bad.skip(path, None, "empty text")
+                continue
+            reviews.append(Review(clean(text), label))
+    return reviews, bad
+
+
+def from_hub(cache_dir: str, split: str = "train", strict: bool = False) -> tuple[list[Review], BadRows]:
+    _check_split(split)
+    path = stream_to_jsonl(HUB_NAME, split, os.path.join(cache_dir, "imdb", f"{split}.jsonl"))
+    bad = BadRows(strict)
+    reviews = [Review(clean(row["text"]), int(row["label"])) for _, _, row in iter_json_lines(path, bad)]
+    return reviews, bad
+
+
+def load_reviews(source: str, split: str = "train", strict: bool = False,
+                 cache_dir: str | None = None) -> tuple[list[Review], BadRows]:
+    """`source`: a .csv file, an aclImdb directory, or "hub"."""
+    if source == "hub":
+        return from_hub(cache_dir or os.path.join(os.getcwd(), ".cache"), split, strict)
+    if os.path.isdir(source):
+        return from_acl_directory(source, split, strict)
+    if source.endswith(".csv"):
+        return from_csv(source, split, strict)
+    raise MissingFileError(f"IMDb source {source!r} is neither a .csv file, an aclImdb directory, nor 'hub'")
+
+
+def sft_examples(reviews: Sequence[Review]) -> list[Pair]:
+    """Whole reviews as SFT targets (empty prompt)."""
+    return [Pair(prompt="", chosen=r.text, sft_target=r.text, meta={"label": r.label}) for r in reviews]
+
+
+def prefix_prompts(reviews: Sequence[Review], tokenizer, seed: int = 0, min_tokens: int = 2,
+                   max_tokens: int = 8) -> list[tuple[str, int]]:
+    """(prompt, label): the first k tokens of each review, k uniform in [min_tokens, max_tokens]."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise ConfigError(f"prefix lengths must satisfy 1 <= min_tokens <= max_tokens, got {min_tokens}, {max_tokens}")
+    rng = random.Random(seed)
+    out = []
+    for r in reviews:
+        ids = tokenizer.encode(r.text)
+        k = rng.randint(min_tokens, max_tokens)
+        out.append((tokenizer.decode(ids[:k]), r.label))
+    return out
+
