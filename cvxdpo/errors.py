@@ -19,3 +19,11 @@ class DataError(CvxdpoError, ValueError):
 
 class MissingFileError(CvxdpoError, FileNotFoundError):
     """A file or directory that the user named does not exist."""
+
+
+class CheckpointError(CvxdpoError):
+    """A checkpoint that is missing or does not fit the run."""
+
+
+class TrainingDiverged(CvxdpoError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

@@ -23,8 +23,8 @@ MULTIHOST = flags.DEFINE_bool(
 def run(main):
     """absl.app.run(main) with multi-host set up first and user errors printed as one line (exit 2).
 
-    jax.distributed is initialized before main runs any other JAX code; only
-    process 0 logs at INFO, the others log errors only.
+    jax.distributed is initialized before main runs any other JAX code; process
+    0 logs warnings (INFO with --verbosity=0), the others errors only.
     """
 
     def guarded(argv):
@@ -33,6 +33,8 @@ def run(main):
                                             auto=MULTIHOST.value)
             if jax.process_index() != 0:
                 logging.set_verbosity(logging.ERROR)
+            elif not flags.FLAGS["verbosity"].present:
+                logging.set_verbosity(logging.WARNING)  # keep the progress bar and report readable
             return main(argv)
         except CvxdpoError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -27,15 +27,15 @@ def one_step(mesh, local_rows=None):
     """(loss, grad_norm, params after one SGD step) with the batch placed on `mesh`."""
     import optax
 
-    from cvxdpo import losses
     from cvxdpo import mesh as mesh_lib
     from cvxdpo.model import gpt2
+    from cvxdpo.train import objectives
     from cvxdpo.train import state as state_lib
     from cvxdpo.train import step as step_lib
 
     tx = optax.sgd(0.5)  # plain SGD: the update is a linear function of the gradient, so comparable
     graphdef, state, shardings = state_lib.create_train_state(gpt2.preset("tiny", **CONFIG), tx, mesh, seed=0)
-    step = step_lib.make_train_step(graphdef, tx, losses.sft_loss, mesh, shardings)
+    step = step_lib.make_train_step(objectives.SFTObjective(graphdef), tx, mesh, shardings)
     rows = batch() if local_rows is None else local_rows
     state, metrics = step(state, mesh_lib.place_batch(rows, mesh))
     return float(metrics["loss"]), float(metrics["grad_norm"]), state.params

@@ -182,7 +182,7 @@ def _tokens(tok, text):
 def test_loss_mask_covers_exactly_response_and_eos(tok):
     pair = Pair("Question here", " an answer", " a worse one")
     cfg = pipeline.TokenizeConfig(max_length=32, max_prompt_length=16)
-    out = pipeline.Tokenize(tok, cfg, "pairs").map(pair)
+    out = pipeline.Tokenize(tok, cfg, "pairs").map((0, pair))
     prompt = _tokens(tok, "Question here")
     for row, response in zip(range(2), (" an answer", " a worse one")):
         expected = prompt + _tokens(tok, response) + [tok.eos_id]
@@ -297,4 +297,4 @@ def test_missing_files_are_one_clear_error(tmp_path):
 def test_sft_only_examples_cannot_make_pairs(tok):
     cfg = pipeline.TokenizeConfig(max_length=16, max_prompt_length=8)
     with pytest.raises(DataError, match="needs rejected responses"):
-        pipeline.Tokenize(tok, cfg, "pairs").map(Pair("", "a review"))
+        pipeline.Tokenize(tok, cfg, "pairs").map((0, Pair("", "a review")))

@@ -132,3 +132,28 @@ def prefix_prompts(reviews: Sequence[Review], tokenizer, seed: int = 0, min_toke
         out.append((tokenizer.decode(ids[:k]), r.label))
     return out
 
+
+
+def labeled_pairs(reviews: Sequence[Review], tokenizer, seed: int = 0, min_tokens: int = 2,
+                  max_tokens: int = 8) -> list[Pair]:
+    """Sentiment pairs from labels alone: a positive review's prefix as the prompt, its continuation chosen,
+    and the continuation of a negative review (after its own prefix) rejected.
+
+    A crude stand-in for pairs sampled from the SFT model and ranked by a
+    sentiment scorer, usable without any model.
+    """
+    rng = random.Random(seed)
+    positive = [r for r in reviews if r.label == 1]
+    negative = [r for r in reviews if r.label == 0]
+    if not positive or not negative:
+        raise ConfigError("IMDb labeled pairs need both positive and negative reviews")
+    pairs = []
+    for k, review in enumerate(positive):
+        other = negative[rng.randrange(len(negative))]
+        n = rng.randint(min_tokens, max_tokens)
+        ids, other_ids = tokenizer.encode(review.text), tokenizer.encode(other.text)
+        if len(ids) <= n or len(other_ids) <= n:
+            continue
+        pairs.append(Pair(prompt=tokenizer.decode(ids[:n]), chosen=tokenizer.decode(ids[n:]),
+                          rejected=tokenizer.decode(other_ids[n:]), meta={"review": k}))
+    return pairs

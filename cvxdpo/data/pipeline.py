@@ -9,7 +9,9 @@ a pair next to each other (rather than [all chosen; all rejected]) means that
 any split of the batch axis, over devices or over processes, keeps pairs whole;
 the step reshapes to (2 * batch, length) for one forward pass. An SFT batch has
 shape (batch, length). Every batch also has `weight` (batch,): 1 for a real
-example, 0 for padding that fills the last batch of a finite pass.
+example, 0 for padding that fills the last batch of a finite pass, and `index`
+(batch,), each example's position in the source (and `ref_logps` (batch, 2)
+when precomputed reference log-probs are attached).
 
 The iterator is a Grain DatasetIterator: `get_state()` / `set_state()` (and
 `grain.checkpoint`) restore it so that a resumed run sees exactly the batches an
@@ -69,24 +71,33 @@ def _sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.nd
 
 
 class Tokenize(grain.transforms.Map):
-    """Pair -> unpadded token arrays: (2, n) for a pair, (n,) for SFT, with the response loss mask."""
+    """(index, Pair) -> unpadded token arrays: (2, n) for a pair, (n,) for SFT, with the response loss mask.
 
-    def __init__(self, tokenizer, cfg: TokenizeConfig, mode: str):
-        self.tokenizer, self.cfg, self.mode = tokenizer, cfg, mode
+    `index` is the example's position in the source; with `ref_logps` (a
+    (len(source), 2) table of precomputed reference log-probs) the example
+    carries its row of it.
+    """
 
-    def map(self, pair: Pair) -> dict:
+    def __init__(self, tokenizer, cfg: TokenizeConfig, mode: str, ref_logps: np.ndarray | None = None):
+        self.tokenizer, self.cfg, self.mode, self.ref_logps = tokenizer, cfg, mode, ref_logps
+
+    def map(self, element: tuple[int, Pair]) -> dict:
+        index, pair = element
         tok, eos = self.tokenizer, self.tokenizer.eos_id
         prompt = tok.encode(pair.prompt)
+        extras = {"index": np.int32(index)}
+        if self.ref_logps is not None:
+            extras["ref_logps"] = np.asarray(self.ref_logps[index], np.float32)
         if self.mode == "sft":
             prompt, (target,) = truncate(prompt, [tok.encode(pair.target) + [eos]], self.cfg)
             ids, loss = _sequence(prompt, target)
-            return {"input_ids": ids, "loss_mask": loss}
+            return {"input_ids": ids, "loss_mask": loss, **extras}
         if pair.rejected is None:
             raise DataError(f"a preference batch needs rejected responses; this example has none: {pair.meta}")
         prompt, (chosen, rejected) = truncate(
             prompt, [tok.encode(pair.chosen) + [eos], tok.encode(pair.rejected) + [eos]], self.cfg)
         rows = [_sequence(prompt, chosen), _sequence(prompt, rejected)]
-        return {"input_ids": [r[0] for r in rows], "loss_mask": [r[1] for r in rows]}
+        return {"input_ids": [r[0] for r in rows], "loss_mask": [r[1] for r in rows], **extras}
 
 
 class PadBatch:
@@ -111,16 +122,21 @@ class PadBatch:
                 attn[b, k, : len(seq)] = 1
                 loss[b, k, : len(seq)] = lm
         weight = (np.arange(self.batch_size) < len(examples)).astype(np.float32)
-        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss, "weight": weight}
-        if per == 1 and not isinstance(examples[0]["input_ids"], list):  # SFT: drop the pair axis
-            batch = {k: (v[:, 0] if v.ndim == 3 else v) for k, v in batch.items()}
+        batch = {"input_ids": ids, "attention_mask": attn, "loss_mask": loss}
+        if not isinstance(examples[0]["input_ids"], list):  # SFT: no pair axis
+            batch = {k: v[:, 0] for k, v in batch.items()}
+        batch["weight"] = weight
+        for key in examples[0].keys() - {"input_ids", "loss_mask"}:  # per-example values: index, ref_logps
+            column = np.stack([e[key] for e in examples])
+            batch[key] = np.concatenate([column, np.zeros((self.batch_size - len(examples),) + column.shape[1:],
+                                                          column.dtype)])
         return batch
 
 
 def make_dataset(source: Sequence[Pair], tokenizer, cfg: TokenizeConfig, batch_size: int, *, mode: str = "pairs",
                  seed: int = 0, shuffle: bool = True, num_epochs: int | None = None,
                  shard_index: int | None = None, shard_count: int | None = None,
-                 worker_count: int = 0) -> grain.IterDataset:
+                 worker_count: int = 0, ref_logps: np.ndarray | None = None) -> grain.IterDataset:
     """The Grain dataset of one process's batches.
 
     `batch_size` is the global batch (over all processes); each process gets
@@ -139,14 +155,34 @@ def make_dataset(source: Sequence[Pair], tokenizer, cfg: TokenizeConfig, batch_s
     if len(source) == 0:
         raise DataError("the data source holds no usable examples")
     local = batch_size // shard_count
-    ds = grain.MapDataset.source(source)
+    ds = grain.MapDataset.source(source).map_with_index(lambda i, pair: (i, pair))
     if shuffle:
         ds = ds.shuffle(seed=seed)
     ds = ds.repeat(num_epochs)
     ds = ds[shard_index::shard_count]
-    ds = ds.map(Tokenize(tokenizer, cfg, mode))
+    ds = ds.map(Tokenize(tokenizer, cfg, mode, ref_logps))
     ds = ds.batch(local, drop_remainder=num_epochs is None, batch_fn=PadBatch(cfg, local, tokenizer.pad_id))
     it = ds.to_iter_dataset()
     if worker_count > 0:
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return it
+
+
+def batches_per_pass(num_examples: int, batch_size: int, shard_count: int) -> int:
+    """Batches each process yields in one finite pass (the process with the most examples decides)."""
+    per_process = -(-num_examples // shard_count)
+    return -(-per_process // (batch_size // shard_count))
+
+
+def padded_pass(dataset: grain.IterDataset, num_batches: int):
+    """Exactly `num_batches` batches: a process that runs out repeats a weight-0 batch, so collective
+    steps run the same number of times on every process."""
+    it, last = iter(dataset), None
+    for _ in range(num_batches):
+        batch = next(it, None)
+        if batch is None:
+            if last is None:
+                raise DataError("a finite pass over the data produced no batch")
+            batch = {key: np.zeros_like(v) for key, v in last.items()}
+        last = batch
+        yield batch

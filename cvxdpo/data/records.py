@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -185,3 +186,22 @@ class JsonlIndex(Sequence):
 
     def __getitem__(self, i):
         return self.parse(read_json_line(*self.location(i)))
+
+
+class Subset(Sequence):
+    """A fixed selection of another sequence's items (e.g. a held-out split), read lazily."""
+
+    def __init__(self, base: Sequence, indices: Sequence[int]):
+        self.base, self.indices = base, array.array("q", indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]]
+
+
+def split_by_hash(base: Sequence, fraction: float, key: Callable[[int], str] = str) -> tuple[Subset, Subset]:
+    """(train, held-out): an item is held out when a hash of key(index) falls under `fraction`."""
+    held = [zlib.crc32(key(i).encode()) % 10_000 < fraction * 10_000 for i in range(len(base))]
+    return (Subset(base, [i for i, h in enumerate(held) if not h]), Subset(base, [i for i, h in enumerate(held) if h]))

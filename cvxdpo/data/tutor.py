@@ -20,8 +20,7 @@ import dataclasses
 import gzip
 import importlib.resources
 import json
-import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 from cvxdpo.data.records import BadRows, FieldError, Pair, check_file, iter_json_lines, plain_copy
 
@@ -139,12 +138,4 @@ def load_tutor_pairs(path: str | None = None, slide: bool = False, with_history:
         pairs.extend(more)
         dropped += d
     return TutorPairs(pairs, n, dropped, bad)
-
-
-def split_pairs(pairs: Sequence[Pair], eval_fraction: float, key: str = "sample_id") -> tuple[list, list]:
-    """Train / held-out split by conversation (never the same conversation on both sides)."""
-    def held_out(p: Pair) -> bool:
-        return zlib.crc32(str(p.meta.get(key)).encode()) % 1000 < eval_fraction * 1000
-
-    return [p for p in pairs if not held_out(p)], [p for p in pairs if held_out(p)]
 

@@ -1,0 +1,29 @@
+"""Shared pieces of the experiment configs: each experiment is (dataset, method) over the defaults."""
+
+from cvxdpo.config import default_config
+
+# Per-dataset data settings (everything else stays at cvxdpo.config's defaults).
+DATASETS = {
+    "tutor": dict(source="tutor", max_length=256, max_prompt_length=128, truncation="keep_start"),
+    "shp": dict(source="shp", path="hub", max_length=512, max_prompt_length=256, truncation="keep_end",
+                split="train", eval_split="validation"),
+    "imdb": dict(source="imdb", path="hub", max_length=256, max_prompt_length=16, truncation="keep_start",
+                 split="train", eval_split="test"),
+    "hh": dict(source="hh", path="hub", max_length=512, max_prompt_length=256, truncation="keep_end",
+               split="train", eval_split="test"),
+}
+
+# Per-method training settings. DPO keeps the official code's defaults (RMSprop, lr 5e-7, warm-up 150,
+# clip 10, batch 64, beta 0.1); SFT uses the same optimizer with a larger step.
+METHODS = {
+    "sft": dict(method="sft", learning_rate=1e-5),
+    "dpo": dict(method="dpo", loss="sigmoid", reference="frozen"),
+}
+
+
+def experiment(dataset: str, method: str):
+    c = default_config()
+    c.model.name = "gpt2"
+    c.data.update(DATASETS[dataset])
+    c.train.update(METHODS[method])
+    return c

@@ -1,0 +1,126 @@
+"""The config tree (model, tokenizer, data, train, convex, mesh) with every default in one place.
+
+Experiment files in `configs/` start from `default_config()` and change only
+what differs; `validate` turns an impossible value into one clear ConfigError.
+The defaults for DPO are the official DPO code's: RMSprop, lr 5e-7, 150 linear
+warm-up steps, gradient clipping 10, batch 64, max_length 512,
+max_prompt_length 256, beta 0.1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from cvxdpo.errors import ConfigError
+
+METHODS = ("sft", "dpo", "dpo_convex")
+LOSSES = ("sigmoid", "ipo", "hinge", "reference_free", "simpo")
+REFERENCES = ("frozen", "precomputed")
+OPTIMIZERS = ("rmsprop", "adamw")
+SOURCES = ("tutor", "shp", "imdb", "hh", "jsonl")
+DTYPES = ("float32", "bfloat16")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.mesh = "-1,1,1"
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "gpt2"  # a preset (fresh weights when init == "scratch"), a hub name or a local directory
+    c.model.init = "pretrained"  # "pretrained" (hub/dir weights) or "scratch" (a preset trained from zero)
+    c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
+    c.model.remat = False
+    c.model.dropout = 0.0
+    c.model.overrides = ml_collections.ConfigDict()  # e.g. n_layer for a scratch preset
+
+    c.tokenizer = ml_collections.ConfigDict()
+    c.tokenizer.spec = "gpt2"  # "gpt2", a directory, a hub name, or "train" (byte-level BPE on the train data)
+    c.tokenizer.vocab_size = 4096  # for "train"
+
+    c.data = ml_collections.ConfigDict()
+    c.data.source = "tutor"
+    c.data.path = ""  # file or directory; "" = the bundled tutor set (tutor) / required otherwise
+    c.data.eval_path = ""  # held-out file; "" = split eval_fraction off the training source
+    c.data.eval_fraction = 0.05
+    c.data.split = "train"
+    c.data.eval_split = "test"
+    c.data.domains = ()  # SHP domain filter
+    c.data.max_pairs_per_post = 5  # SHP cap (dataset card); 0 = no cap
+    c.data.slide = True  # tutor: every position of the conversation, not only i = 0
+    c.data.with_history = False
+    c.data.max_length = 512
+    c.data.max_prompt_length = 256
+    c.data.truncation = "keep_end"
+    c.data.buckets = ()
+    c.data.strict = False
+    c.data.workers = 0
+    c.data.cache_dir = ""  # where hub downloads and decompressed copies go; "" = <workdir>/cache
+
+    c.train = ml_collections.ConfigDict()
+    c.train.method = "dpo"
+    c.train.loss = "sigmoid"
+    c.train.beta = 0.1
+    c.train.label_smoothing = 0.0
+    c.train.simpo_gamma = 0.5  # SimPO's target margin (in units of beta * length-normalized log-prob)
+    c.train.ipo_normalize_length = True
+    c.train.reference = "frozen"
+    c.train.reference_dtype = "float32"
+    c.train.optimizer = "rmsprop"
+    c.train.learning_rate = 5e-7
+    c.train.warmup_steps = 150
+    c.train.weight_decay = 0.0
+    c.train.grad_clip = 10.0
+    c.train.batch_size = 64
+    c.train.micro_batches = 1  # gradient accumulation: the batch is split into this many passes
+    c.train.steps = 1000
+    c.train.seed = 0
+    c.train.log_every = 10
+    c.train.eval_every = 200
+    c.train.eval_batches = 0  # 0 = the whole held-out set
+    c.train.checkpoint_every = 200
+    c.train.keep_checkpoints = 2
+    c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
+    c.train.export_hf = False  # write <workdir>/hf (config.json + model.safetensors) at the end
+    c.train.progress = True
+
+    c.convex = ml_collections.ConfigDict()
+    c.convex.signal = "margin"
+    return c
+
+
+def _choice(value, options, name):
+    if value not in options:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
+
+
+def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Raises ConfigError naming the first impossible value."""
+    _choice(c.train.method, METHODS, "train.method")
+    _choice(c.train.loss, LOSSES, "train.loss")
+    _choice(c.train.reference, REFERENCES, "train.reference")
+    _choice(c.train.optimizer, OPTIMIZERS, "train.optimizer")
+    _choice(c.data.source, SOURCES, "data.source")
+    _choice(c.model.dtype, DTYPES, "model.dtype")
+    _choice(c.train.reference_dtype, DTYPES, "train.reference_dtype")
+    _choice(c.model.init, ("pretrained", "scratch"), "model.init")
+    if c.train.beta <= 0:
+        raise ConfigError(f"train.beta must be positive, got {c.train.beta}")
+    if not 0 <= c.train.label_smoothing < 0.5:
+        raise ConfigError(f"train.label_smoothing must be in [0, 0.5), got {c.train.label_smoothing}")
+    for name in ("batch_size", "micro_batches", "steps", "log_every", "eval_every", "checkpoint_every",
+                 "keep_checkpoints"):
+        if int(c.train[name]) <= 0:
+            raise ConfigError(f"train.{name} must be positive, got {c.train[name]}")
+    if c.train.learning_rate <= 0:
+        raise ConfigError(f"train.learning_rate must be positive, got {c.train.learning_rate}")
+    if c.train.warmup_steps < 0 or c.train.grad_clip < 0:
+        raise ConfigError("train.warmup_steps and train.grad_clip must be >= 0")
+    if c.train.batch_size % c.train.micro_batches:
+        raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by "
+                          f"train.micro_batches={c.train.micro_batches}")
+    if not 0 <= c.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction}")
+    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir!r} exists and is not a directory")

@@ -1,0 +1,94 @@
+"""From the config's `data` and `tokenizer` sections to train/held-out sources and a tokenizer."""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from absl import logging
+
+from cvxdpo.data import hh, imdb, jsonl, pipeline, shp, tutor
+from cvxdpo.data.records import split_by_hash
+from cvxdpo.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from cvxdpo.errors import ConfigError, MissingFileError
+
+BPE_TRAINING_TEXTS = 20_000  # pairs whose texts train a from-scratch tokenizer
+
+
+def tokenize_config(c) -> pipeline.TokenizeConfig:
+    return pipeline.TokenizeConfig(max_length=c.data.max_length, max_prompt_length=c.data.max_prompt_length,
+                                   truncation=c.data.truncation, buckets=tuple(c.data.buckets))
+
+
+def _need_path(c) -> str:
+    if not c.data.path:
+        raise ConfigError(f"data.path is required for data.source={c.data.source!r}")
+    return c.data.path
+
+
+def _split_or_eval_file(c, source, load_file, key=str):
+    """(train, held-out): the eval file when given, else a hash split of the training source."""
+    if c.data.eval_path:
+        return source, load_file(c.data.eval_path)
+    return split_by_hash(source, c.data.eval_fraction, key)
+
+
+def load_sources(c, tokenizer: Tokenizer | None, cache_dir: str):
+    """(train source, held-out source) of Pair records. IMDb pairs need the tokenizer (prefix prompts)."""
+    d, strict = c.data, c.data.strict
+    if d.source == "tutor":
+        pairs = tutor.load_tutor_pairs(d.path or None, slide=d.slide, with_history=d.with_history, strict=strict)
+        logging.info("tutor: %d conversations -> %d pairs (%d dropped: chosen == rejected); %s",
+                     pairs.conversations, len(pairs.pairs), pairs.dropped_equal, pairs.bad.summary())
+        load = lambda p: tutor.load_tutor_pairs(p, slide=d.slide, with_history=d.with_history, strict=strict).pairs  # noqa: E731
+        return _split_or_eval_file(c, pairs.pairs, load, key=lambda i: str(pairs.pairs[i].meta.get("sample_id")))
+    if d.source == "shp":
+        root = shp.download(cache_dir, d.split, d.domains) if d.path == "hub" else _need_path(c)
+        eval_root = shp.download(cache_dir, d.eval_split, d.domains) if d.path == "hub" else root
+        cap = d.max_pairs_per_post or None
+        return (shp.SHPSource(root, d.split, d.domains, cap, strict=strict),
+                shp.SHPSource(eval_root, d.eval_split, d.domains, cap, strict=strict))
+    if d.source == "imdb":
+        train, _ = imdb.load_reviews(_need_path(c), d.split, strict, cache_dir)
+        held, _ = imdb.load_reviews(d.eval_path or d.path, d.eval_split, strict, cache_dir)
+        if c.train.method == "sft":
+            return imdb.sft_examples(train), imdb.sft_examples(held)
+        return (imdb.labeled_pairs(train, tokenizer, c.train.seed), imdb.labeled_pairs(held, tokenizer, c.train.seed))
+    if d.source == "hh":
+        if d.path == "hub":
+            return hh.hh_from_hub(cache_dir, d.split, strict), hh.hh_from_hub(cache_dir, d.eval_split, strict)
+        return _split_or_eval_file(c, hh.hh_source(_need_path(c), strict, cache_dir),
+                                   lambda p: hh.hh_source(p, strict, cache_dir))
+    return _split_or_eval_file(c, jsonl.jsonl_source(_need_path(c), strict, cache_dir),
+                               lambda p: jsonl.jsonl_source(p, strict, cache_dir))
+
+
+def build_tokenizer(c, workdir: str) -> Tokenizer:
+    """The configured tokenizer. "train" fits a byte-level BPE on the training texts once per workdir
+    (or reuses the one exported by the `init_from` run, so SFT and DPO share a vocabulary)."""
+    spec = c.tokenizer.spec
+    if spec != "train":
+        return load_tokenizer(spec)
+    for directory in (os.path.join(c.train.init_from, "hf") if c.train.init_from else None,
+                      os.path.join(workdir, "tokenizer")):
+        if directory and os.path.exists(os.path.join(directory, "tokenizer.json")):
+            return load_tokenizer(directory)
+    if c.data.source == "imdb":
+        raise ConfigError("tokenizer.spec='train' is not supported for IMDb; use 'gpt2'")
+    train, _ = load_sources(c, None, os.path.join(workdir, "cache"))
+    texts = (t for p in itertools.islice(iter(train), BPE_TRAINING_TEXTS)
+             for t in (p.prompt, p.chosen, p.rejected or "") if t)
+    tok = train_bpe(texts, c.tokenizer.vocab_size, os.path.join(workdir, "tokenizer"))
+    logging.info("trained a byte-level BPE of %d tokens on the training texts", tok.vocab_size)
+    return tok
+
+
+def init_from_dir(path: str) -> str:
+    """The exported model directory of a finished run named by `train.init_from`."""
+    hf_dir = os.path.join(path, "hf")
+    if not os.path.isdir(path):
+        raise MissingFileError(f"train.init_from={path!r} does not exist")
+    if not os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+        raise MissingFileError(f"train.init_from={path!r} holds no finished run's model ({hf_dir}/model.safetensors); "
+                               "run that training to its end first")
+    return hf_dir

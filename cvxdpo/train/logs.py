@@ -1,0 +1,78 @@
+"""Metrics out: `<workdir>/metrics.jsonl`, TensorBoard event files, and a progress bar (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import jax
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_PREFIX = "time/"  # wall-clock values, different on every run
+
+
+def _plain(value):
+    value = np.asarray(value)
+    return value.item() if value.ndim == 0 else value.tolist()
+
+
+class MetricsWriter:
+    """Appends one JSON line per logged step. On resume, lines after the restored step are dropped,
+    so the file of a resumed run equals that of an uninterrupted one."""
+
+    def __init__(self, workdir: str, resume_step: int, enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = os.path.join(workdir, METRICS_FILE)
+        self._tb = None
+        if not self.enabled:
+            return
+        if os.path.exists(self.path):
+            with open(self.path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(kept)
+        from tensorboardX import SummaryWriter
+
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
+        row = {f"{prefix}{k}": _plain(v) for k, v in metrics.items()}
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        return row
+
+    def close(self):
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    with open(os.path.join(workdir, METRICS_FILE)) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+class Progress:
+    """A tqdm bar showing step, loss and tokens/s; silent off process 0 or when disabled."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        if enabled and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
