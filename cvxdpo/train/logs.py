@@ -19,8 +19,9 @@ def _plain(value):
 
 
 class MetricsWriter:
-    """Appends one JSON line per logged step. On resume, lines after the restored step are dropped,
-    so the file of a resumed run equals that of an uninterrupted one."""
+    """Appends one JSON line per logged step. On resume from step s, only lines of steps <= s are kept
+    (all were written before checkpoint s); a run starting from scratch starts an empty file. So the
+    file of a resumed run equals that of an uninterrupted one."""
 
     def __init__(self, workdir: str, resume_step: int, enabled: bool | None = None):
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
@@ -30,7 +31,7 @@ class MetricsWriter:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= resume_step]
+                kept = [line for line in f if line.strip() and 0 < resume_step >= json.loads(line)["step"]]
             with open(self.path, "w") as f:
                 f.writelines(kept)
         from tensorboardX import SummaryWriter

@@ -47,7 +47,8 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
 
 
 class Trainer:
-    def __init__(self, config, workdir: str):
+    def __init__(self, config, workdir: str, devices=None):
+        """`devices` (default: all) lets a program run the trainer on part of its devices."""
         config_lib.validate(config, workdir)
         self.c, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
@@ -55,7 +56,7 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
-        self.mesh = mesh_lib.make_mesh(config.mesh)
+        self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         mesh_lib.check_batch_divides(config.train.batch_size // config.train.micro_batches, self.mesh,
                                      "train.batch_size / train.micro_batches")
         self.cache_dir = config.data.cache_dir or os.path.join(self.workdir, "cache")

@@ -1,0 +1,79 @@
+"""DPO-family losses against hand-computed values (numpy, written out from the formulas)."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cvxdpo import losses
+
+# (B, 2) summed log-probs [chosen, rejected] and response lengths.
+POLICY = np.array([[-10.0, -12.0], [-8.0, -7.0]])
+REF = np.array([[-11.0, -11.5], [-7.5, -7.5]])
+COUNTS = np.array([[4.0, 5.0], [2.0, 3.0]])
+
+
+def _log_sigmoid(x):
+    return -np.log1p(np.exp(-x))
+
+
+def _terms(loss, **kw):
+    cfg = losses.LossConfig(loss=loss, **kw)
+    return {k: np.asarray(v) for k, v in
+            losses.preference_terms(jnp.asarray(POLICY), jnp.asarray(REF), jnp.asarray(COUNTS), cfg).items()}
+
+
+def test_sigmoid_and_label_smoothing():
+    beta = 0.5
+    h = (POLICY[:, 0] - POLICY[:, 1]) - (REF[:, 0] - REF[:, 1])  # [1.5, -1.0]
+    np.testing.assert_allclose(h, [1.5, -1.0])
+    np.testing.assert_allclose(_terms("sigmoid", beta=beta)["loss"], -_log_sigmoid(beta * h), rtol=1e-6)
+    eps = 0.2
+    expected = -(1 - eps) * _log_sigmoid(beta * h) - eps * _log_sigmoid(-beta * h)
+    np.testing.assert_allclose(_terms("sigmoid", beta=beta, label_smoothing=eps)["loss"], expected, rtol=1e-6)
+    t = _terms("sigmoid", beta=beta)
+    np.testing.assert_allclose(t["rewards_chosen"], beta * (POLICY[:, 0] - REF[:, 0]))
+    np.testing.assert_allclose(t["rewards_rejected"], beta * (POLICY[:, 1] - REF[:, 1]))
+
+
+def test_ipo_with_and_without_length_normalization():
+    beta = 0.25
+    h_sum = (POLICY[:, 0] - POLICY[:, 1]) - (REF[:, 0] - REF[:, 1])
+    np.testing.assert_allclose(_terms("ipo", beta=beta, ipo_normalize_length=False)["loss"],
+                               (h_sum - 1 / (2 * beta)) ** 2, rtol=1e-6)
+    norm_p, norm_r = POLICY / COUNTS, REF / COUNTS
+    h_norm = (norm_p[:, 0] - norm_p[:, 1]) - (norm_r[:, 0] - norm_r[:, 1])
+    np.testing.assert_allclose(_terms("ipo", beta=beta)["loss"], (h_norm - 2.0) ** 2, rtol=1e-6)
+
+
+def test_hinge_reference_free_and_simpo():
+    beta = 0.5
+    h = (POLICY[:, 0] - POLICY[:, 1]) - (REF[:, 0] - REF[:, 1])
+    np.testing.assert_allclose(_terms("hinge", beta=beta)["loss"], np.maximum(0, 1 - beta * h), rtol=1e-6)
+    d = POLICY[:, 0] - POLICY[:, 1]
+    free = _terms("reference_free", beta=beta)
+    np.testing.assert_allclose(free["loss"], -_log_sigmoid(beta * d), rtol=1e-6)
+    np.testing.assert_allclose(free["rewards_chosen"], beta * POLICY[:, 0])
+    gamma = 0.3
+    d_norm = POLICY[:, 0] / COUNTS[:, 0] - POLICY[:, 1] / COUNTS[:, 1]  # [-2.5+2.4, -4+7/3]
+    simpo = _terms("simpo", beta=beta, simpo_gamma=gamma)
+    np.testing.assert_allclose(simpo["loss"], -_log_sigmoid(beta * d_norm - gamma), rtol=1e-6)
+    np.testing.assert_allclose(simpo["rewards_chosen"], beta * POLICY[:, 0] / COUNTS[:, 0], rtol=1e-6)
+
+
+def test_step_zero_is_log_two_with_zero_rewards():
+    cfg = losses.LossConfig(loss="sigmoid", beta=0.1)
+    t = losses.preference_terms(jnp.asarray(POLICY), jnp.asarray(POLICY), jnp.asarray(COUNTS), cfg)
+    np.testing.assert_allclose(np.asarray(t["loss"]), math.log(2), rtol=1e-7)
+    m = losses.preference_metrics(t, jnp.ones(2))
+    assert float(m["rewards/chosen"]) == float(m["rewards/rejected"]) == float(m["rewards/margins"]) == 0.0
+    assert float(m["rewards/accuracies"]) == 0.0  # strict >, as the official code
+
+
+def test_metrics_are_weighted_means():
+    t = _terms("sigmoid", beta=1.0)
+    m = losses.preference_metrics({k: jnp.asarray(v) for k, v in t.items()}, jnp.asarray([1.0, 0.0]))
+    assert float(m["rewards/chosen"]) == pytest.approx(t["rewards_chosen"][0])
+    assert float(m["rewards/accuracies"]) == 1.0  # pair 0: 1.0 > -0.5
+    assert float(m["logps/rejected"]) == pytest.approx(-12.0)

@@ -1,0 +1,197 @@
+"""The trainer end to end on a tiny model: learning, exact resume (also after SIGKILL), the precomputed
+reference, mesh invariance and bad configs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cvxdpo.errors import ConfigError, MissingFileError
+from cvxdpo.train.logs import TIMING_PREFIX, read_metrics
+from cvxdpo.train.trainer import Trainer
+from tiny_config import get_config, write_pairs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return write_pairs(str(tmp_path_factory.mktemp("data") / "pairs.jsonl"))
+
+
+def _config(pairs, **train):
+    c = get_config(pairs)
+    c.train.update(train)
+    return c
+
+
+def _params(trainer):
+    return [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
+
+
+def _losses(workdir):
+    return [row["loss"] for row in read_metrics(workdir) if "loss" in row]
+
+
+def _untimed(rows):
+    return [{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIX)} for row in rows]
+
+
+def test_dpo_learns_the_preference(tmp_path, pairs):
+    c = _config(pairs, steps=40, eval_batches=0)
+    report = Trainer(c, str(tmp_path / "dpo")).run()
+    before, after = report["eval_before"], report["eval_after"]
+    assert 0.25 <= before["eval/preference_accuracy"] <= 0.75  # a random model: near chance
+    assert before["eval/loss"] == pytest.approx(np.log(2), abs=1e-6)  # reference = policy at step 0
+    assert after["eval/rewards/accuracies"] > 0.9
+    assert after["eval/preference_accuracy"] > 0.9
+    assert os.path.exists(tmp_path / "dpo" / "hf" / "model.safetensors")
+
+
+def test_sft_lowers_held_out_nll(tmp_path, pairs):
+    report = Trainer(_config(pairs, method="sft", steps=30), str(tmp_path / "sft")).run()
+    assert report["eval_after"]["eval/nll"] < 0.7 * report["eval_before"]["eval/nll"]
+
+
+def test_resume_is_exact(tmp_path, pairs):
+    straight = Trainer(_config(pairs), str(tmp_path / "straight"))
+    straight.run()
+    Trainer(_config(pairs, steps=6), str(tmp_path / "stopped")).run()  # stops after 6 (checkpoint at 4 and 6)
+    resumed = Trainer(_config(pairs), str(tmp_path / "stopped"))
+    assert resumed.start_step == 6
+    resumed.run()
+    for a, b in zip(_params(straight), _params(resumed)):
+        np.testing.assert_array_equal(a, b)
+    # Training rows match exactly (the stopped run also logged its own final evaluation at step 6).
+    def train_rows(workdir):
+        return [row for row in _untimed(read_metrics(workdir)) if "loss" in row]
+
+    assert train_rows(str(tmp_path / "straight")) == train_rows(str(tmp_path / "stopped"))
+
+
+def _launch(pairs, workdir, env_extra=None, **flags):
+    cmd = [sys.executable, "-m", "launch.train", f"--config=tests/tiny_config.py:{pairs}", f"--workdir={workdir}",
+           *[f"--config.train.{k}={v}" for k, v in flags.items()]]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env_extra or {})}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc):
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def _final_params(workdir):
+    import safetensors.numpy
+
+    return safetensors.numpy.load_file(os.path.join(workdir, "hf", "model.safetensors"))
+
+
+def test_sigkill_between_and_during_checkpoints(tmp_path, pairs):
+    straight = str(tmp_path / "straight")
+    _finish(_launch(pairs, straight))
+
+    # Killed between checkpoints: once step 6 is logged (checkpoints at 4 and 8), then resumed.
+    between = str(tmp_path / "between")
+    proc = _launch(pairs, between)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(between, "metrics.jsonl")) and any(
+                r["step"] >= 6 for r in read_metrics(between) if "loss" in r):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _finish(_launch(pairs, between))
+
+    # Killed while the step-8 checkpoint is being written: the half-written one is never restored.
+    during = str(tmp_path / "during")
+    proc = _launch(pairs, during, env_extra={"CVXDPO_FAULT": "kill_after_save:8"})
+    proc.communicate(timeout=600)
+    assert proc.returncode == -signal.SIGKILL
+    complete = sorted(int(d) for d in os.listdir(os.path.join(during, "checkpoints")) if d.isdigit())
+    assert complete and complete[-1] in (4, 8)
+    _finish(_launch(pairs, during))
+
+    reference = _final_params(straight)
+    for run in (between, during):
+        params = _final_params(run)
+        for key in reference:
+            np.testing.assert_array_equal(params[key], reference[key])
+        assert _untimed(read_metrics(run)) == _untimed(read_metrics(straight))
+
+
+def test_precomputed_reference_holds_one_copy_and_matches_frozen(tmp_path, pairs):
+    frozen = Trainer(_config(pairs, reference="frozen"), str(tmp_path / "frozen"))
+    precomputed = Trainer(_config(pairs, reference="precomputed"), str(tmp_path / "precomputed"))
+    assert frozen.state.ref_params is not None
+    assert precomputed.state.ref_params is None
+    assert len(jax.tree.leaves(precomputed.state.params)) == len(jax.tree.leaves(frozen.state.ref_params))
+    n_params = len(jax.tree.leaves(precomputed.state.params))
+    n_moments = len(jax.tree.leaves(precomputed.state.opt_state))
+    assert len(jax.tree.leaves(precomputed.state)) == n_params + n_moments + 2  # + step and rng: no second copy
+    frozen.run()
+    precomputed.run()
+    np.testing.assert_allclose(_losses(str(tmp_path / "precomputed")), _losses(str(tmp_path / "frozen")), rtol=1e-4)
+    again = Trainer(_config(pairs, reference="precomputed"), str(tmp_path / "precomputed2"))  # cache reuse
+    np.testing.assert_array_equal(again.ref_tables[0], precomputed.ref_tables[0])
+
+
+def test_same_losses_on_one_device_and_a_2x2x2_mesh(tmp_path, pairs):
+    one = Trainer(_config(pairs, steps=4), str(tmp_path / "one"), devices=jax.devices()[:1])
+    c = _config(pairs, steps=4)
+    c.mesh = "2,2,2"
+    eight = Trainer(c, str(tmp_path / "eight"))
+    one.run()
+    eight.run()
+    np.testing.assert_allclose(_losses(str(tmp_path / "eight")), _losses(str(tmp_path / "one")), rtol=1e-5)
+
+
+def test_gradient_accumulation_equals_one_pass(tmp_path, pairs):
+    two = jax.devices()[:2]  # 8 pairs in 4 micro-batches of 2: one pair per device per pass
+    whole = Trainer(_config(pairs, steps=3), str(tmp_path / "whole"), devices=two)
+    split = Trainer(_config(pairs, steps=3, micro_batches=4), str(tmp_path / "split"), devices=two)
+    whole.run()
+    split.run()
+    np.testing.assert_allclose(_losses(str(tmp_path / "split")), _losses(str(tmp_path / "whole")), rtol=1e-5)
+    for a, b in zip(_params(whole), _params(split)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam: updates ~3e-3, float noise ~1e-6
+
+
+# --- bad config values -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field, value, message", [
+    ("loss", "kto", "train.loss='kto' is not one of sigmoid"),
+    ("beta", -0.1, "train.beta must be positive, got -0.1"),
+    ("micro_batches", 3, "train.batch_size=8 is not divisible by train.micro_batches=3"),
+])
+def test_bad_config_values(tmp_path, pairs, field, value, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        Trainer(_config(pairs, **{field: value}), str(tmp_path / "run"))
+
+
+def test_workdir_that_is_a_file(tmp_path, pairs):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        Trainer(_config(pairs), str(tmp_path / "file"))
+
+
+def test_init_from_without_a_finished_run(tmp_path, pairs):
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(MissingFileError, match="holds no finished run's model"):
+        Trainer(_config(pairs, init_from=str(tmp_path / "empty")), str(tmp_path / "run"))
+
+
+def test_launcher_prints_one_line_errors(tmp_path, pairs):
+    proc = _launch(pairs, str(tmp_path / "run"), beta=-1)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2
+    assert err.strip().splitlines()[-1] == "error: train.beta must be positive, got -1.0"
+    assert "Traceback" not in err

@@ -1,0 +1,42 @@
+"""A tiny, fast training config over a learnable JSONL pair set; also a config file for launch.train.
+
+    python -m launch.train --config=tests/tiny_config.py:PAIRS_FILE --workdir=DIR
+
+Chosen responses draw their words from one vocabulary and rejected ones from
+another, at equal lengths, so held-out preference accuracy starts near chance
+and a working DPO drives it towards 1.
+"""
+
+import json
+import random
+
+from cvxdpo.config import default_config
+
+GOOD = "bright clear kind warm helpful calm precise gentle honest patient".split()
+BAD = "dull vague rude cold useless loud sloppy harsh false hasty".split()
+TOPICS = "cells stars rivers chess music maps atoms myths poems wars".split()
+
+
+def write_pairs(path: str, n: int = 240, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            k = rng.randint(3, 6)
+            row = {"prompt": f"Tell me about {rng.choice(TOPICS)} number {i}.",
+                   "chosen": " " + " ".join(rng.choice(GOOD) for _ in range(k)),
+                   "rejected": " " + " ".join(rng.choice(BAD) for _ in range(k))}
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def get_config(pairs_path: str = ""):
+    c = default_config()
+    c.mesh = "-1,1,1"
+    c.model.name, c.model.init = "tiny", "scratch"
+    c.model.overrides.n_head = 8  # divides every axis of 8 devices
+    c.tokenizer.spec, c.tokenizer.vocab_size = "train", 320
+    c.data.update(source="jsonl", path=pairs_path, eval_fraction=0.25, max_length=32, max_prompt_length=16)
+    c.train.update(method="dpo", loss="sigmoid", optimizer="adamw", learning_rate=3e-3, warmup_steps=2,
+                   batch_size=8, steps=12, log_every=1, eval_every=1000, checkpoint_every=4, eval_batches=2,
+                   progress=False, beta=0.1)
+    return c
