@@ -24,7 +24,7 @@ def get_config():
                    checkpoint_every=100, eval_batches=8)
     c.stages = "sft,dpo"
     # Per-stage overrides, by section (e.g. --config.dpo.train.beta=0.5 on the command line).
-    c.sft = ml_collections.ConfigDict({"train": dict(method="sft", steps=300, learning_rate=2e-3)})
-    c.dpo = ml_collections.ConfigDict({"train": dict(method="dpo", steps=150, learning_rate=2e-4, beta=0.1,
+    c.sft = ml_collections.ConfigDict({"train": dict(method="sft", steps=250, learning_rate=2e-3)})
+    c.dpo = ml_collections.ConfigDict({"train": dict(method="dpo", steps=100, learning_rate=2e-4, beta=0.1,
                                                      reference="frozen")})
     return c

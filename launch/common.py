@@ -29,12 +29,12 @@ def run(main):
 
     def guarded(argv):
         try:
+            if not flags.FLAGS["verbosity"].present:
+                logging.set_verbosity(logging.WARNING)  # keep the progress bar and report readable
             mesh_lib.initialize_distributed(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
                                             auto=MULTIHOST.value)
             if jax.process_index() != 0:
                 logging.set_verbosity(logging.ERROR)
-            elif not flags.FLAGS["verbosity"].present:
-                logging.set_verbosity(logging.WARNING)  # keep the progress bar and report readable
             return main(argv)
         except CvxdpoError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,120 @@
+"""The convex two-layer ReLU network (Pilanci & Ergen 2020): gates, masks, the operator F, objectives.
+
+Features X (n, d), P gate vectors h_i sampled once from a seed, masks
+D_i = diag(1[X h_i >= 0]) stored as an (n, P) 0/1 matrix M.
+
+- gated ReLU: f(x) = sum_i 1[x.h_i >= 0] x.w_i, weights W (d, P).
+- exact ReLU: pairs (u_i, u'_i) stacked as U = [U+, U-] (d, 2P) with column
+  signs [+1.., -1..]; f = sum_i D_i X (u_i - u'_i) under the cone constraints
+  (2 D_i - I) X u_i >= 0 (and the same for u'_i), when f is a real ReLU net.
+
+F U = rowsum(M * (X U) * signs) and F^T r = X^T (M * r[:, None]) * signs: two
+matmuls, F is never materialized. Every function takes an `Axes` naming the
+mesh axes that gates and rows are split over, and all-reduces over them
+(inside `jax.shard_map`); with no axes it is plain single-device code.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+LOSSES = ("squared", "logistic")
+VARIANTS = ("gated", "relu")
+
+
+class Axes(NamedTuple):
+    gates: str | None = None  # mesh axis the gate columns are split over
+    rows: str | None = None  # mesh axis the rows of X are split over
+
+
+def psum(x, *axes):
+    names = tuple(a for a in axes if a)
+    return jax.lax.psum(x, names) if names else x
+
+
+def sample_gates(seed: int, d: int, num_gates: int, dtype=jnp.float32) -> jax.Array:
+    """P gate vectors h_i ~ N(0, I_d) as the columns of a (d, P) matrix."""
+    return jax.random.normal(jax.random.key(seed), (d, num_gates), dtype)
+
+
+def masks(X: jax.Array, gates: jax.Array) -> jax.Array:
+    """(n, P) activation pattern 1[X h_i >= 0], in X's dtype (it multiplies X U)."""
+    return (X @ gates >= 0).astype(X.dtype)
+
+
+def column_signs(num_gates: int, variant: str, dtype) -> jax.Array:
+    """+1 per gate (gated); [+1]*P + [-1]*P for the (u, u') pairs of the exact ReLU model."""
+    ones = jnp.ones((num_gates,), dtype)
+    return ones if variant == "gated" else jnp.concatenate([ones, -ones])
+
+
+def expand_masks(M: jax.Array, variant: str) -> jax.Array:
+    return M if variant == "gated" else jnp.concatenate([M, M], axis=1)
+
+
+def forward(X, M, signs, U, axes: Axes = Axes()) -> jax.Array:
+    """F U: the network's output on the rows of X, (n,)."""
+    return psum(((X @ U) * M * signs).sum(axis=1), axes.gates)
+
+
+def adjoint(X, M, signs, r, axes: Axes = Axes()) -> jax.Array:
+    """F^T r: (d, P), all-reduced over row shards."""
+    return psum(X.T @ (M * r[:, None]), axes.rows) * signs
+
+
+def cone(X, M, U) -> jax.Array:
+    """G U = (2 M - 1) * (X U): nonnegative exactly when every D_i X u_i is a ReLU of X u_i."""
+    return (2 * M - 1) * (X @ U)
+
+
+def cone_adjoint(X, M, S, axes: Axes = Axes()) -> jax.Array:
+    return psum(X.T @ ((2 * M - 1) * S), axes.rows)
+
+
+def to_pm1(y: jax.Array) -> jax.Array:
+    """Labels as +-1 (0/1 labels are mapped 0 -> -1)."""
+    return jnp.where(y > 0, 1.0, -1.0).astype(y.dtype)
+
+
+def loss_value(f, y, loss: str, axes: Axes = Axes()) -> jax.Array:
+    if loss == "squared":
+        return 0.5 * psum(jnp.sum(jnp.square(f - y)), axes.rows)
+    return psum(jnp.sum(jnp.logaddexp(0.0, -y * f)), axes.rows)
+
+
+def group_norms(U) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(U), axis=0))
+
+
+def penalty(U, beta, axes: Axes = Axes()) -> jax.Array:
+    return beta * psum(jnp.sum(group_norms(U)), axes.gates)
+
+
+def objective(X, y, M, signs, U, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
+    """loss(F U, y) + beta * sum_i ||u_i||_2."""
+    return loss_value(forward(X, M, signs, U, axes), y, loss, axes) + penalty(U, beta, axes)
+
+
+def _entropy(a):
+    return -(jax.scipy.special.xlogy(a, a) + jax.scipy.special.xlogy(1 - a, 1 - a))
+
+
+def dual_value(X, y, M, signs, U, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
+    """A lower bound on the optimum from the dual point built at U (gated model).
+
+    theta = -grad loss(F U), scaled by min(1, beta / max_i ||X^T D_i theta||) to
+    be dual feasible; the dual objective is theta.y - ||theta||^2 / 2 for the
+    squared loss and sum_j H(a_j) (binary entropy, theta_j = y_j a_j) for the
+    logistic loss.
+    """
+    f = forward(X, M, signs, U, axes)
+    theta = y - f if loss == "squared" else y * jax.nn.sigmoid(-y * f)
+    worst = jax.lax.pmax(jnp.max(group_norms(adjoint(X, M, signs, theta, axes))), axes.gates) if axes.gates \
+        else jnp.max(group_norms(adjoint(X, M, signs, theta, axes)))
+    theta = theta * jnp.minimum(1.0, beta / jnp.maximum(worst, 1e-30))
+    if loss == "squared":
+        return psum(jnp.dot(theta, y) - 0.5 * jnp.dot(theta, theta), axes.rows)
+    return psum(jnp.sum(_entropy(jnp.clip(theta * y, 0.0, 1.0))), axes.rows)
