@@ -56,7 +56,9 @@ class ADMMConfig:
     nystrom_rank: int = 64
     adaptive_rho: bool = True
     balance: float = 10.0  # residual ratio that triggers a rho change
-    newton_steps: int = 10  # logistic prox
+    rho_period: int = 25  # look at the residual ratio only every this many iterations (no oscillation)
+    newton_steps: int = 30  # safeguarded Newton steps of the logistic prox
+    relaxation: float = 1.6  # over-relaxation alpha in [1, 2) (Boyd 3.4.3); 1 = plain ADMM
 
     def __post_init__(self):
         if self.loss not in gr.LOSSES:
@@ -88,8 +90,8 @@ class SolveInfo(NamedTuple):
     cg_iterations: jax.Array  # inner CG iterations in this call
     primal_residual: jax.Array
     dual_residual: jax.Array
-    objective: jax.Array  # at u
-    gap: jax.Array  # relative duality gap at u (gated; NaN for relu)
+    objective: jax.Array  # at v (gated: the group-sparse iterate) or u (relu: the cone-feasible one)
+    gap: jax.Array  # relative duality gap (gated; NaN for relu)
     cone_violation: jax.Array  # max(0, -G u) relative to max |X u| (relu; 0 for gated)
     status: jax.Array  # RUNNING / CONVERGED / MAX_ITER / DIVERGED
 
@@ -110,16 +112,27 @@ def group_soft_threshold(W, t):
 
 
 def prox_loss(w, y, rho, cfg: ADMMConfig):
-    """argmin_z loss(z, y) + rho/2 ||z - w||^2, per sample."""
+    """argmin_z loss(z, y) + rho/2 ||z - w||^2, per sample.
+
+    Logistic: with t = y z the optimality condition rho (t - y w) = sigmoid(-t)
+    is increasing in t and its root lies in [y w, y w + 1/rho]; Newton steps
+    that leave the shrinking bracket are replaced by bisection, so small rho
+    (flat, saturated samples) cannot throw the iterate away.
+    """
     if cfg.loss == "squared":
         return (y + rho * w) / (1.0 + rho)
+    c = y * w
 
-    def newton(_, z):
-        p = jax.nn.sigmoid(-y * z)
-        grad = -y * p + rho * (z - w)
-        return z - grad / (p * (1.0 - p) + rho)
+    def step(_, carry):
+        t, lo, hi = carry
+        g = rho * (t - c) - jax.nn.sigmoid(-t)
+        lo, hi = jnp.where(g < 0, t, lo), jnp.where(g < 0, hi, t)
+        newton = t - g / (rho + jax.nn.sigmoid(t) * jax.nn.sigmoid(-t))
+        inside = (newton > lo) & (newton < hi)
+        return jnp.where(inside, newton, 0.5 * (lo + hi)), lo, hi
 
-    return jax.lax.fori_loop(0, cfg.newton_steps, newton, w)
+    t, _, _ = jax.lax.fori_loop(0, cfg.newton_steps, step, (c, c, c + 1.0 / rho))
+    return y * t
 
 
 class Problem(NamedTuple):
@@ -130,13 +143,23 @@ class Problem(NamedTuple):
     M: jax.Array  # (n, C) masks, duplicated for relu
     signs: jax.Array  # (C,)
     XtX: jax.Array  # (d, d) all-reduced X^T X (relu) or (0, 0)
+    kappa: jax.Array  # () penalty of the u = v block relative to rho: the mean diagonal of F^T F
+
+
+def block_weight(X, M, axes: Axes = Axes()) -> jax.Array:
+    """Mean diagonal entry of F^T F. Weighting the u = v constraint by it balances it against F u = z,
+    so that (F^T F + kappa I) is well conditioned whatever the scale of X."""
+    diag = psum(jnp.einsum("nc,nd->", M, jnp.square(X)), axes.rows, axes.gates)
+    count = psum(jnp.asarray(M.shape[1] * X.shape[1], X.dtype), axes.gates)
+    return jnp.maximum(diag / count, 1e-12)
 
 
 def _system(prob: Problem, cfg: ADMMConfig, axes: Axes):
     """The u-system operator A(u) = F^T F u + u (+ X^T X u for the cone)."""
 
     def apply(U):
-        out = gr.adjoint(prob.X, prob.M, prob.signs, gr.forward(prob.X, prob.M, prob.signs, U, axes), axes) + U
+        out = gr.adjoint(prob.X, prob.M, prob.signs, gr.forward(prob.X, prob.M, prob.signs, U, axes), axes) \
+            + prob.kappa * U
         if cfg.variant == "relu":
             out = out + prob.XtX @ U
         return out
@@ -153,7 +176,7 @@ def _jacobi(prob: Problem, cfg: ADMMConfig, axes: Axes):
     """Block-Jacobi: one d x d Cholesky per gate column, I + X^T D_i X (+ X^T X), local to its device."""
     blocks = psum(jnp.einsum("nd,nc,ne->cde", prob.X, prob.M, prob.X), axes.rows)
     d = prob.X.shape[1]
-    blocks = blocks + jnp.eye(d, dtype=prob.X.dtype) + (prob.XtX if cfg.variant == "relu" else 0.0)
+    blocks = blocks + prob.kappa * jnp.eye(d, dtype=prob.X.dtype) + (prob.XtX if cfg.variant == "relu" else 0.0)
     chol = jnp.linalg.cholesky(blocks)
 
     def solve(R):
@@ -167,19 +190,20 @@ def _nystrom(prob: Problem, cfg: ADMMConfig, apply, shape, key):
     size = shape[0] * shape[1]
     rank = min(cfg.nystrom_rank, size)
     omega, _ = jnp.linalg.qr(jax.random.normal(key, (size, rank), prob.X.dtype))
-    sketch = jax.vmap(lambda o: (apply(o.reshape(shape)) - o.reshape(shape)).reshape(-1), in_axes=1, out_axes=1)(omega)
+    sketch = jax.vmap(lambda o: (apply(o.reshape(shape)) - prob.kappa * o.reshape(shape)).reshape(-1),
+                      in_axes=1, out_axes=1)(omega)
     shift = jnp.finfo(prob.X.dtype).eps * jnp.linalg.norm(sketch)
     sketch = sketch + shift * omega
     chol = jnp.linalg.cholesky(omega.T @ sketch)
     B = jax.scipy.linalg.solve_triangular(chol, sketch.T, lower=True).T
     U, sigma, _ = jnp.linalg.svd(B, full_matrices=False)
     lam = jnp.maximum(sigma**2 - shift, 0.0)
-    floor = lam[-1] + 1.0
+    floor = lam[-1] + prob.kappa
 
     def solve(R):
         r = R.reshape(-1)
         coef = U.T @ r
-        return (U @ (coef * floor / (lam + 1.0)) + r - U @ coef).reshape(shape)
+        return (U @ (coef * floor / (lam + prob.kappa)) + (r - U @ coef) * floor / prob.kappa).reshape(shape)
 
     return solve
 
@@ -209,16 +233,17 @@ def _pcg(apply, precond, b, x0, tol, max_iter, axes: Axes):
 
 # --- the solve loop --------------------------------------------------------------------------------
 
-def _relative_gap(prob, cfg, U, primal, axes):
+def _relative_gap(prob, cfg, f, primal, axes):
+    """Relative duality gap of `primal` against the dual point built from predictions f (gated model)."""
     if cfg.variant != "gated":
         return jnp.asarray(jnp.nan, prob.X.dtype)
-    dual = gr.dual_value(prob.X, prob.y, prob.M, prob.signs, U, cfg.beta, cfg.loss, axes)
+    dual = gr.dual_value(prob.X, prob.y, prob.M, prob.signs, f, cfg.beta, cfg.loss, axes)
     return (primal - dual) / jnp.maximum(jnp.abs(primal), 1e-30)
 
 
 def solve_local(prob: Problem, state: ADMMState, cfg: ADMMConfig, axes: Axes = Axes()) -> tuple[ADMMState, SolveInfo]:
     """Up to cfg.max_iter ADMM iterations from `state` (warm start) on local blocks."""
-    X, y, M, signs = prob
+    X, y, M, signs, _, kappa = prob
     dt = X.dtype
     relu = cfg.variant == "relu"
     apply = _system(prob, cfg, axes)
@@ -244,42 +269,47 @@ def solve_local(prob: Problem, state: ADMMState, cfg: ADMMConfig, axes: Axes = A
     def step(carry):
         st, info = carry
         tol = jnp.maximum(cfg.cg_tol * (1.0 + st.k.astype(dt)) ** -1.2, cfg.cg_min_tol)
-        b = gr.adjoint(X, M, signs, st.z - st.mu, axes) + (st.v - st.lam) + Gt(st.s - st.nu)
+        b = gr.adjoint(X, M, signs, st.z - st.mu, axes) + kappa * (st.v - st.lam) + Gt(st.s - st.nu)
         u, cg_it = _pcg(apply, precond, b, st.u, tol, cfg.cg_max_iter, axes)
         Fu, Gu = gr.forward(X, M, signs, u, axes), G(u)
-        z = prox_loss(Fu + st.mu, y, st.rho, cfg)
-        v = group_soft_threshold(u + st.lam, cfg.beta / st.rho)
-        s = jnp.maximum(0.0, Gu + st.nu)
-        mu, lam, nu = st.mu + Fu - z, st.lam + u - v, st.nu + Gu - s
+        a = cfg.relaxation  # over-relaxed copies of F u, u, G u
+        Fu_r, u_r, Gu_r = a * Fu + (1 - a) * st.z, a * u + (1 - a) * st.v, a * Gu + (1 - a) * st.s
+        z = prox_loss(Fu_r + st.mu, y, st.rho, cfg)
+        v = group_soft_threshold(u_r + st.lam, cfg.beta / (st.rho * kappa))
+        s = jnp.maximum(0.0, Gu_r + st.nu)
+        mu, lam, nu = st.mu + Fu_r - z, st.lam + u_r - v, st.nu + Gu_r - s
 
-        r_pri = jnp.sqrt(sq(Fu - z, axes.rows) + sq(u - v, axes.gates) + sq(Gu - s, axes.rows, axes.gates))
-        r_dual = st.rho * jnp.sqrt(sq(gr.adjoint(X, M, signs, z - st.z, axes) + (v - st.v) + Gt(s - st.s),
+        # Residuals of the constraints [F; sqrt(kappa) I; G] u = [z; sqrt(kappa) v; s] (Boyd 3.3).
+        r_pri = jnp.sqrt(sq(Fu - z, axes.rows) + kappa * sq(u - v, axes.gates) + sq(Gu - s, axes.rows, axes.gates))
+        r_dual = st.rho * jnp.sqrt(sq(gr.adjoint(X, M, signs, z - st.z, axes) + kappa * (v - st.v) + Gt(s - st.s),
                                       axes.gates))
         eps_pri = jnp.sqrt(n_pri) * cfg.abs_tol + cfg.rel_tol * jnp.sqrt(jnp.maximum(
-            sq(Fu, axes.rows) + sq(u, axes.gates) + sq(Gu, axes.rows, axes.gates),
-            sq(z, axes.rows) + sq(v, axes.gates) + sq(s, axes.rows, axes.gates)))
+            sq(Fu, axes.rows) + kappa * sq(u, axes.gates) + sq(Gu, axes.rows, axes.gates),
+            sq(z, axes.rows) + kappa * sq(v, axes.gates) + sq(s, axes.rows, axes.gates)))
         eps_dual = jnp.sqrt(n_dual) * cfg.abs_tol + cfg.rel_tol * st.rho * jnp.sqrt(
-            sq(gr.adjoint(X, M, signs, mu, axes) + lam + Gt(nu), axes.gates))
+            sq(gr.adjoint(X, M, signs, mu, axes) + kappa * lam + Gt(nu), axes.gates))
 
-        primal = gr.loss_value(Fu, y, cfg.loss, axes) + gr.penalty(u, cfg.beta, axes)
-        gap = _relative_gap(prob, cfg, u, primal, axes)
+        # v is exactly group-sparse and the better primal point; z gives the better dual point.
+        primal = gr.objective(X, y, M, signs, v, cfg.beta, cfg.loss, axes) if not relu else \
+            gr.loss_value(Fu, y, cfg.loss, axes) + gr.penalty(u, cfg.beta, axes)
+        gap = _relative_gap(prob, cfg, z, primal, axes)
         converged = ((r_pri <= eps_pri) & (r_dual <= eps_dual)) | (gap <= cfg.gap_tol)
         diverged = ~jnp.isfinite(r_pri) | ~jnp.isfinite(r_dual) | ~jnp.isfinite(primal)
         it = info.iterations + 1
         status = jnp.where(diverged, DIVERGED, jnp.where(converged, CONVERGED,
                                                           jnp.where(it >= cfg.max_iter, MAX_ITER, RUNNING)))
+        status = status.astype(jnp.int32)
 
         rho = st.rho
         if cfg.adaptive_rho:
-            up, down = r_pri > cfg.balance * r_dual, r_dual > cfg.balance * r_pri
+            check = (st.k + 1) % cfg.rho_period == 0
+            up = check & (r_pri > cfg.balance * r_dual)
+            down = check & (r_dual > cfg.balance * r_pri)
             factor = jnp.where(up, 2.0, jnp.where(down, 0.5, 1.0)).astype(dt)
             rho, mu, lam, nu = rho * factor, mu / factor, lam / factor, nu / factor
         if relu:
-            scale = jnp.sqrt(jnp.maximum(jax.lax.pmax(jnp.max(jnp.square(X @ u)), axes.gates) if axes.gates
-                                         else jnp.max(jnp.square(X @ u)), 1e-30))
-            worst = -jnp.min(Gu)
-            worst = -jax.lax.pmin(-worst, tuple(a for a in axes if a)) if any(axes) else worst
-            cone_violation = jnp.maximum(worst, 0.0) / scale
+            scale = jnp.maximum(gr.pmax(jnp.max(jnp.abs(X @ u)), axes.rows, axes.gates), 1e-30)
+            cone_violation = jnp.maximum(gr.pmax(jnp.max(-Gu), axes.rows, axes.gates), 0.0) / scale
         else:
             cone_violation = jnp.zeros((), dt)
         new = ADMMState(u, v, lam, z, mu, s, nu, rho, st.k + 1)
@@ -307,7 +337,7 @@ def make_solver(cfg: ADMMConfig, mesh: jax.sharding.Mesh | None = None, axes: Ax
 
     def solve(X, y, M, signs, state):
         XtX = psum(X.T @ X, axes.rows) if cfg.variant == "relu" else jnp.zeros((0, 0), X.dtype)
-        return solve_local(Problem(X, y, M, signs, XtX), state, cfg, axes)
+        return solve_local(Problem(X, y, M, signs, XtX, block_weight(X, M, axes)), state, cfg, axes)
 
     if mesh is not None:
         g, r = axes.gates, axes.rows

@@ -35,6 +35,11 @@ def psum(x, *axes):
     return jax.lax.psum(x, names) if names else x
 
 
+def pmax(x, *axes):
+    names = tuple(a for a in axes if a)
+    return jax.lax.pmax(x, names) if names else x
+
+
 def sample_gates(seed: int, d: int, num_gates: int, dtype=jnp.float32) -> jax.Array:
     """P gate vectors h_i ~ N(0, I_d) as the columns of a (d, P) matrix."""
     return jax.random.normal(jax.random.key(seed), (d, num_gates), dtype)
@@ -102,18 +107,16 @@ def _entropy(a):
     return -(jax.scipy.special.xlogy(a, a) + jax.scipy.special.xlogy(1 - a, 1 - a))
 
 
-def dual_value(X, y, M, signs, U, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
-    """A lower bound on the optimum from the dual point built at U (gated model).
+def dual_value(X, y, M, signs, f, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
+    """A lower bound on the optimum from the dual point built at predictions f, e.g. f = F U (gated model).
 
-    theta = -grad loss(F U), scaled by min(1, beta / max_i ||X^T D_i theta||) to
+    theta = -grad loss(f), scaled by min(1, beta / max_i ||X^T D_i theta||) to
     be dual feasible; the dual objective is theta.y - ||theta||^2 / 2 for the
     squared loss and sum_j H(a_j) (binary entropy, theta_j = y_j a_j) for the
     logistic loss.
     """
-    f = forward(X, M, signs, U, axes)
     theta = y - f if loss == "squared" else y * jax.nn.sigmoid(-y * f)
-    worst = jax.lax.pmax(jnp.max(group_norms(adjoint(X, M, signs, theta, axes))), axes.gates) if axes.gates \
-        else jnp.max(group_norms(adjoint(X, M, signs, theta, axes)))
+    worst = pmax(jnp.max(group_norms(adjoint(X, M, signs, theta, axes))), axes.gates)
     theta = theta * jnp.minimum(1.0, beta / jnp.maximum(worst, 1e-30))
     if loss == "squared":
         return psum(jnp.dot(theta, y) - 0.5 * jnp.dot(theta, theta), axes.rows)
