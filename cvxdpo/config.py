@@ -1,4 +1,4 @@
-"""The config tree (model, tokenizer, data, train, convex, mesh) with every default in one place.
+"""The config tree (model, tokenizer, data, train, mesh) with every default in one place.
 
 Experiment files in `configs/` start from `default_config()` and change only
 what differs; `validate` turns an impossible value into one clear ConfigError.
@@ -84,9 +84,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
     c.train.export_hf = False  # write <workdir>/hf (config.json + model.safetensors) at the end
     c.train.progress = True
-
-    c.convex = ml_collections.ConfigDict()
-    c.convex.signal = "margin"
     return c
 
 

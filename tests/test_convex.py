@@ -2,7 +2,6 @@
 certificate, sharding invariance, warm starts inside jit, bad input."""
 
 import cvxpy as cp
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """The trainer end to end on a tiny model: learning, exact resume (also after SIGKILL), the precomputed
 reference, mesh invariance and bad configs."""
 
-import json
 import os
 import signal
 import subprocess

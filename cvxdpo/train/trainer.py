@@ -157,7 +157,7 @@ class Trainer:
                                    f"checkpoint is step {last} in {self.workdir}/checkpoints")
 
     def run(self) -> dict:
-        c, t = self.c, self.c.train
+        t = self.c.train
         writer = MetricsWriter(self.workdir, self.start_step)
         report = {"start_step": self.start_step}
         if self.start_step == 0:
