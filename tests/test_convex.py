@@ -35,7 +35,10 @@ def cvxpy_optimum(clf, X, y):
         cons = [cp.multiply(2 * M - 1, X @ U) >= 0, cp.multiply(2 * M - 1, X @ V) >= 0]
     loss = 0.5 * cp.sum_squares(f - y) if clf.loss == "squared" else cp.sum(cp.logistic(-cp.multiply(y, f)))
     prob = cp.Problem(cp.Minimize(loss + BETA * reg), cons)
-    prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    try:
+        prob.solve(solver=cp.CLARABEL, tol_gap_abs=1e-10, tol_gap_rel=1e-10, tol_feas=1e-10)
+    except cp.error.SolverError:  # the cone + exponential-cone problem can fail at those tolerances
+        prob.solve(solver=cp.CLARABEL)
     return prob.value
 
 
@@ -50,11 +53,11 @@ def test_gated_relu_reaches_the_global_optimum(loss, seed):
     assert 0 <= clf.duality_gap() <= 1e-6  # certified without the other solver
 
 
-@pytest.mark.xfail(strict=True, reason="exact-ReLU ADMM stalls with cone violation ~3e-4 (open in the convex issue)")
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
-def test_exact_relu_matches_cvxpy_and_its_recovered_network(loss):
-    X, y = problem(0)
-    clf = ConvexReLUClassifier(num_gates=P, beta=BETA, loss=loss, variant="relu", max_iter=4000).fit(X, y)
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_exact_relu_matches_cvxpy_and_its_recovered_network(loss, seed):
+    X, y = problem(seed)
+    clf = ConvexReLUClassifier(num_gates=P, beta=BETA, loss=loss, variant="relu", seed=seed, max_iter=6000).fit(X, y)
     optimum = cvxpy_optimum(clf, X, y)
     assert abs(clf.objective() - optimum) <= 1e-3 * abs(optimum)
     assert float(clf.info_.cone_violation) < 1e-5

@@ -44,7 +44,11 @@ class ADMMConfig:
     loss: str = "squared"
     variant: str = "gated"
     beta: float = 1e-3
-    rho: float = 0.03  # initial penalty (the u = v block is weighted by kappa, so this is scale-free)
+    # Initial penalty (the u = v block is weighted by kappa, so this is scale-free) and residual balancing.
+    # None picks the measured defaults: 0.03 with balancing for the gated model; for the exact ReLU model,
+    # whose cone constraints need a firm penalty (balancing lowers it and the cone stays violated), a fixed
+    # 10 x the loss's curvature bound (1 squared, 1/4 logistic).
+    rho: float | None = None
     max_iter: int = 500  # outer iterations per solve call
     abs_tol: float = 1e-8
     rel_tol: float = 1e-7
@@ -54,13 +58,18 @@ class ADMMConfig:
     cg_min_tol: float = 1e-12
     preconditioner: str = "jacobi"
     nystrom_rank: int = 64
-    adaptive_rho: bool = True
+    adaptive_rho: bool | None = None
     balance: float = 10.0  # residual ratio that triggers a rho change
     rho_period: int = 25  # look at the residual ratio only every this many iterations (no oscillation)
     bisection_steps: int = 40  # logistic prox: bracket shrinks 2^-40, then 3 Newton steps
     relaxation: float = 1.6  # over-relaxation alpha in [1, 2) (Boyd 3.4.3); 1 = plain ADMM
 
     def __post_init__(self):
+        gated = self.variant == "gated"
+        if self.rho is None:
+            object.__setattr__(self, "rho", 0.03 if gated else 10.0 * (1.0 if self.loss == "squared" else 0.25))
+        if self.adaptive_rho is None:
+            object.__setattr__(self, "adaptive_rho", gated)
         if self.loss not in gr.LOSSES:
             raise ConfigError(f"convex loss {self.loss!r} is not one of {', '.join(gr.LOSSES)}")
         if self.variant not in gr.VARIANTS:

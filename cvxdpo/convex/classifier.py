@@ -29,7 +29,7 @@ class ConvexReLUClassifier:
     seed: int = 0
     max_iter: int = 10_000
     preconditioner: str = "jacobi"
-    adaptive_rho: bool = True
+    adaptive_rho: bool | None = None  # None: the solver's default for the variant
     gap_tol: float = 1e-7
     mesh: jax.sharding.Mesh | None = None
     gate_axis: str | None = "tensor"
