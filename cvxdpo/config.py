@@ -84,6 +84,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
     c.train.export_hf = False  # write <workdir>/hf (config.json + model.safetensors) at the end
     c.train.progress = True
+
+    # DPO-Convex (train.method = "dpo_convex"): the anchor and how its margin enters the loss.
+    c.convex = ml_collections.ConfigDict()
+    c.convex.signal = "margin"  # distill | margin | soft_label
+    c.convex.gamma = 1.0  # weight of the convex margin (distill, margin)
+    c.convex.tau = 1.0  # temperature of the soft label
+    c.convex.eps = 0.05  # soft label kept in [0.5, 1 - eps]
+    c.convex.normalize_length = False  # length-normalized log-probs, as SimPO
+    c.convex.dim = 32
+    c.convex.buffer = 256  # pairs; a multiple of train.batch_size
+    c.convex.refresh_every = 10
+    c.convex.num_gates = 16
+    c.convex.reg = 0.01
+    c.convex.loss = "logistic"
+    c.convex.admm_iters = 100
     return c
 
 
@@ -102,6 +117,9 @@ def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     _choice(c.model.dtype, DTYPES, "model.dtype")
     _choice(c.train.reference_dtype, DTYPES, "train.reference_dtype")
     _choice(c.model.init, ("pretrained", "scratch"), "model.init")
+    _choice(c.convex.signal, ("distill", "margin", "soft_label"), "convex.signal")
+    if c.train.method == "dpo_convex" and c.convex.buffer % c.train.batch_size:
+        raise ConfigError(f"convex.buffer={c.convex.buffer} must be a multiple of train.batch_size={c.train.batch_size}")
     if c.train.beta <= 0:
         raise ConfigError(f"train.beta must be positive, got {c.train.beta}")
     if not 0 <= c.train.label_smoothing < 0.5:

@@ -12,6 +12,14 @@ summed over response tokens:
 
 Rewards are reported as in the official DPO code: beta * (log pi - log ref),
 with log ref = 0 for the reference-free losses (and length-normalized for SimPO).
+
+DPO-Convex replaces the reference log-ratio by the margin m = f(phi(y_w)) -
+f(phi(y_l)) of a convex two-layer ReLU network on the policy's own features
+(stop-gradient), entering by `signal` on D = log pi(y_w) - log pi(y_l):
+
+  distill      (beta D - gamma m)^2
+  margin       -log sigmoid(beta D - gamma m)
+  soft_label   -(p log sigmoid(beta D) + (1 - p) log sigmoid(-beta D)),  p = clip(sigmoid(m / tau), 0.5, 1 - eps)
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import jax.numpy as jnp
 from cvxdpo.model import gpt2
 
 REFERENCE_FREE = ("reference_free", "simpo")
+SIGNALS = ("distill", "margin", "soft_label")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,3 +120,31 @@ def sft_loss(model, batch: dict) -> tuple[jax.Array, dict]:
     terms = sft_terms(model, batch)
     tokens = jnp.maximum(terms["tokens"].sum(), 1.0)
     return terms["loss"].sum() / tokens, {"tokens": terms["tokens"].sum()}
+
+
+@dataclasses.dataclass(frozen=True)
+class SignalConfig:
+    signal: str = "margin"
+    beta: float = 0.1
+    gamma: float = 1.0
+    tau: float = 1.0
+    eps: float = 0.05
+    normalize_length: bool = False
+
+
+def convex_signal_terms(policy: jax.Array, counts: jax.Array, margin: jax.Array, cfg: SignalConfig) -> dict:
+    """Per-pair DPO-Convex loss and (reference-free) rewards. policy, counts: (B, 2); margin: (B,)."""
+    scored = policy / jnp.maximum(counts, 1.0) if cfg.normalize_length else policy
+    D = scored[:, 0] - scored[:, 1]
+    m = jax.lax.stop_gradient(margin)
+    beta = cfg.beta
+    if cfg.signal == "distill":
+        losses = jnp.square(beta * D - cfg.gamma * m)
+    elif cfg.signal == "margin":
+        losses = -jax.nn.log_sigmoid(beta * D - cfg.gamma * m)
+    else:
+        p = jnp.clip(jax.nn.sigmoid(m / cfg.tau), 0.5, 1.0 - cfg.eps)
+        losses = -(p * jax.nn.log_sigmoid(beta * D) + (1.0 - p) * jax.nn.log_sigmoid(-beta * D))
+    rewards = jax.lax.stop_gradient(beta * scored)
+    return {"loss": losses, "rewards_chosen": rewards[:, 0], "rewards_rejected": rewards[:, 1],
+            "logps_chosen": jax.lax.stop_gradient(policy[:, 0]), "logps_rejected": jax.lax.stop_gradient(policy[:, 1])}

@@ -53,7 +53,7 @@ def make_train_step(objective, tx: optax.GradientTransformation, mesh, shardings
         denominator = objective.denominator(batch)
 
         def micro_loss(params, mb):
-            terms = objective.terms(params, state.ref_params, mb)
+            terms = objective.terms(params, state, mb)
             return terms["loss"].sum() / denominator, terms
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -72,7 +72,11 @@ def make_train_step(objective, tx: optax.GradientTransformation, mesh, shardings
         metrics = {**objective.metrics(terms, batch), "loss": loss, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        extra = state.extra
+        if hasattr(objective, "update_extra"):
+            extra, extra_metrics = objective.update_extra(state, terms, batch)
+            metrics.update(extra_metrics)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
     return jit_step(step, mesh, shardings)
 
@@ -81,7 +85,7 @@ def make_eval_step(objective, mesh, shardings: TrainState):
     """Sums of the objective's eval metrics over one batch (no update, nothing donated)."""
 
     def step(state: TrainState, batch: dict):
-        terms = objective.terms(state.params, state.ref_params, batch)
+        terms = objective.terms(state.params, state, batch)
         return objective.eval_metrics(terms, batch)
 
     return _under_mesh(jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),

@@ -27,7 +27,7 @@ from cvxdpo.data import pipeline
 from cvxdpo.errors import ConfigError, TrainingDiverged
 from cvxdpo.model import gpt2, hub
 from cvxdpo.train import data as data_lib
-from cvxdpo.train import objectives, reference
+from cvxdpo.train import anchor, objectives, reference
 from cvxdpo.train import state as state_lib
 from cvxdpo.train import step as step_lib
 from cvxdpo.train.checkpoint import Checkpointer
@@ -69,10 +69,17 @@ class Trainer:
         self.tx, self.schedule = make_optimizer(config.train)
         self.loss_cfg = losses.LossConfig(config.train.loss, config.train.beta, config.train.label_smoothing,
                                           config.train.simpo_gamma, config.train.ipo_normalize_length)
-        frozen = self.mode == "pairs" and self.loss_cfg.needs_reference and config.train.reference == "frozen"
+        self.convex = config.train.method == "dpo_convex"
+        frozen = (config.train.method == "dpo" and self.loss_cfg.needs_reference
+                  and config.train.reference == "frozen")
+        self.anchor_cfg = anchor.AnchorConfig(
+            dim=config.convex.dim, buffer=config.convex.buffer, refresh_every=config.convex.refresh_every,
+            num_gates=config.convex.num_gates, reg=config.convex.reg, loss=config.convex.loss,
+            admm_iters=config.convex.admm_iters, seed=config.train.seed)
         self.graphdef, self.state, self.shardings = state_lib.create_train_state(
             model_cfg, self.tx, self.mesh, seed=config.train.seed, params=params,
-            reference_dtype=config.train.reference_dtype if frozen else None)
+            reference_dtype=config.train.reference_dtype if frozen else None,
+            extra=anchor.init(self.anchor_cfg, model_cfg.n_embd) if self.convex else None)
         self.objective = self._objective()
         self.ref_tables = self._precompute_reference()
         self.train_data = pipeline.make_dataset(
@@ -112,6 +119,10 @@ class Trainer:
     def _objective(self):
         if self.mode == "sft":
             return objectives.SFTObjective(self.graphdef)
+        if self.convex:
+            v = self.c.convex
+            signal = losses.SignalConfig(v.signal, self.c.train.beta, v.gamma, v.tau, v.eps, v.normalize_length)
+            return objectives.DPOConvexObjective(self.graphdef, self.loss_cfg, "none", signal, self.anchor_cfg)
         ref = "none" if not self.loss_cfg.needs_reference else self.c.train.reference
         return objectives.DPOObjective(self.graphdef, self.loss_cfg, ref)
 
