@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -77,3 +78,39 @@ def test_metrics_are_weighted_means():
     assert float(m["rewards/chosen"]) == pytest.approx(t["rewards_chosen"][0])
     assert float(m["rewards/accuracies"]) == 1.0  # pair 0: 1.0 > -0.5
     assert float(m["logps/rejected"]) == pytest.approx(-12.0)
+
+
+# --- DPO-Convex signals --------------------------------------------------------------------------
+
+MARGIN = np.array([0.8, -0.4])
+
+
+def _signal(signal, **kw):
+    cfg = losses.SignalConfig(signal=signal, **kw)
+    out = losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), jnp.asarray(MARGIN), cfg)
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_convex_signals_against_hand_values():
+    beta, gamma, tau, eps = 0.5, 2.0, 0.5, 0.05
+    D = POLICY[:, 0] - POLICY[:, 1]  # [2, -1]
+    np.testing.assert_allclose(_signal("distill", beta=beta, gamma=gamma)["loss"], (beta * D - gamma * MARGIN) ** 2)
+    np.testing.assert_allclose(_signal("margin", beta=beta, gamma=gamma)["loss"],
+                               -_log_sigmoid(beta * D - gamma * MARGIN), rtol=1e-6)
+    p = np.clip(1 / (1 + np.exp(-MARGIN / tau)), 0.5, 1 - eps)  # [0.832, 0.5]
+    expected = -(p * _log_sigmoid(beta * D) + (1 - p) * _log_sigmoid(-beta * D))
+    np.testing.assert_allclose(_signal("soft_label", beta=beta, tau=tau, eps=eps)["loss"], expected, rtol=1e-6)
+    d_norm = POLICY[:, 0] / COUNTS[:, 0] - POLICY[:, 1] / COUNTS[:, 1]
+    np.testing.assert_allclose(_signal("margin", beta=beta, gamma=gamma, normalize_length=True)["loss"],
+                               -_log_sigmoid(beta * d_norm - gamma * MARGIN), rtol=1e-6)
+    rewards = _signal("margin", beta=beta)
+    np.testing.assert_allclose(rewards["rewards_chosen"], beta * POLICY[:, 0])  # reference-free rewards
+
+
+def test_convex_margin_carries_no_gradient():
+    cfg = losses.SignalConfig(signal="distill", beta=0.5)
+
+    def total(margin):
+        return losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), margin, cfg)["loss"].sum()
+
+    assert np.all(np.asarray(jax.grad(total)(jnp.asarray(MARGIN))) == 0)
