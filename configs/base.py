@@ -18,6 +18,7 @@ DATASETS = {
 METHODS = {
     "sft": dict(method="sft", learning_rate=1e-5),
     "dpo": dict(method="dpo", loss="sigmoid", reference="frozen"),
+    "dpo_convex": dict(method="dpo_convex"),
 }
 
 

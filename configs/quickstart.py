@@ -1,4 +1,4 @@
-"""Offline quickstart: a small GPT-2 trained from scratch on the bundled tutor conversations, SFT then DPO.
+"""Offline quickstart: a small GPT-2 trained from scratch on the bundled tutor conversations, SFT then DPO-Convex.
 
     python -m launch.train --config=configs/quickstart.py --workdir=runs/quickstart
 
@@ -22,9 +22,10 @@ def get_config():
     c.data.eval_fraction = 0.05
     c.train.update(optimizer="adamw", batch_size=32, warmup_steps=20, log_every=25, eval_every=10_000,
                    checkpoint_every=100, eval_batches=8)
-    c.stages = "sft,dpo"
-    # Per-stage overrides, by section (e.g. --config.dpo.train.beta=0.5 on the command line).
+    c.stages = "sft,dpo_convex"
+    # Per-stage overrides, by section (e.g. --config.dpo_convex.train.beta=0.5 on the command line).
     c.sft = ml_collections.ConfigDict({"train": dict(method="sft", steps=250, learning_rate=2e-3)})
-    c.dpo = ml_collections.ConfigDict({"train": dict(method="dpo", steps=100, learning_rate=2e-4, beta=0.1,
-                                                     reference="frozen")})
+    c.dpo_convex = ml_collections.ConfigDict({"train": dict(method="dpo_convex", steps=100, learning_rate=2e-4,
+                                                            beta=0.1),
+                                              "convex": dict(buffer=256, refresh_every=10)})
     return c
