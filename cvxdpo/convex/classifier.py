@@ -27,7 +27,7 @@ class ConvexReLUClassifier:
     loss: str = "squared"
     variant: str = "gated"
     seed: int = 0
-    max_iter: int = 10_000
+    max_iter: int = 20_000
     preconditioner: str = "jacobi"
     adaptive_rho: bool | None = None  # None: the solver's default for the variant
     gap_tol: float = 1e-7
