@@ -148,3 +148,12 @@ def test_diverging_run_stops_and_says_so():
     X, y = problem(8)
     with pytest.raises(DataError, match="ADMM diverged"):
         ConvexReLUClassifier(num_gates=8, beta=BETA).fit(X * 1e200, y)
+
+
+@pytest.mark.parametrize("preconditioner", ["none", "nystrom"])
+def test_every_preconditioner_reaches_the_same_optimum(preconditioner):
+    X, y = problem(10)
+    reference = ConvexReLUClassifier(num_gates=P, beta=BETA, gap_tol=1e-6).fit(X, y)
+    other = ConvexReLUClassifier(num_gates=P, beta=BETA, gap_tol=1e-6, preconditioner=preconditioner).fit(X, y)
+    assert admm.STATUS[int(other.info_.status)] == "converged"
+    assert abs(other.objective() - reference.objective()) <= 2e-6 * reference.objective()
