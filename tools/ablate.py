@@ -187,13 +187,14 @@ def plot(rows: list[dict], out: str) -> list[str]:
             accs = [statistics.fmean(r["accuracy"] for r in sel if r["beta"] == b) for b in betas]
             ax1.plot(betas, accs, marker="o", label=variant)
             first = min(sel, key=lambda r: (r["beta"], r["seed"]))
-            ax2.plot(first["losses"], label=f"{variant} (beta {first['beta']})", alpha=0.8)
+            ax2.plot(first["losses"], label=variant, alpha=0.8)
         ax1.set_xscale("log")
         ax1.set_xlabel("beta")
         ax1.set_ylabel("held-out preference accuracy")
         ax1.set_title(f"{dataset}: accuracy vs beta")
         ax2.set_xlabel("step")
-        ax2.set_ylabel("train loss")
+        ax2.set_ylabel("train loss (symlog: distill is a squared loss)")
+        ax2.set_yscale("symlog", linthresh=0.1)
         ax2.set_title(f"{dataset}: loss curves (seed 0, smallest beta)")
         ax1.legend(fontsize=7)
         fig.tight_layout()
@@ -216,11 +217,16 @@ def main():
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--sft_steps", type=int, default=150)
+    parser.add_argument("--replot", action="store_true", help="redo the table and plots from <out>/ablation.json")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    rows = run_grid(args)
-    with open(os.path.join(args.out, "ablation.json"), "w") as f:
-        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    if args.replot:
+        with open(os.path.join(args.out, "ablation.json")) as f:
+            rows = json.load(f)["rows"]
+    else:
+        rows = run_grid(args)
+        with open(os.path.join(args.out, "ablation.json"), "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
     print(summarize(rows))
     print("plots:", ", ".join(plot(rows, args.out)))
 
