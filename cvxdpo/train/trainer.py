@@ -177,6 +177,7 @@ class Trainer:
         nonfinite = jnp.zeros((), bool)
         tokens, tic, t0 = 0, time.perf_counter(), time.perf_counter()
         step = logged = self.start_step
+        step_times = []
         try:
             while step < t.steps:
                 batch = next(self.train_iter)
@@ -186,8 +187,11 @@ class Trainer:
                 step += 1
                 if step % t.log_every == 0 or step == t.steps:
                     self._check_finite(nonfinite, step)
-                    speed = tokens / (time.perf_counter() - tic)
-                    row = writer.write(step, {**jax.device_get(metrics), "time/tokens_per_s": speed})
+                    elapsed = time.perf_counter() - tic
+                    speed = tokens / elapsed
+                    step_times.append(elapsed / (step - logged))
+                    row = writer.write(step, {**jax.device_get(metrics), "time/tokens_per_s": speed,
+                                              "time/step_s": step_times[-1]})
                     progress.update(step - logged, loss=row["loss"], tok_s=speed)
                     tokens, tic, logged = 0, time.perf_counter(), step
                 if step % t.eval_every == 0 and step != t.steps:
@@ -196,6 +200,9 @@ class Trainer:
                     self._check_finite(nonfinite, step)
                     self.checkpointer.save(step, self.state, self.train_iter)
             report["eval_after"] = writer.write(step, self.evaluate(), "eval/")
+            if self.convex and step_times:
+                share = self.admm_share(sorted(step_times)[len(step_times) // 2])
+                report["admm_share"] = writer.write(step, {"admm_share": share}, "time/")["time/admm_share"]
         finally:
             progress.close()
             writer.close()
@@ -203,6 +210,15 @@ class Trainer:
         report.update(steps=step, train_seconds=time.perf_counter() - t0)
         self.export()
         return report
+
+    def admm_share(self, step_seconds: float) -> float:
+        """Fraction of step time spent in the anchor's ADMM refit: one refit, timed alone on the current
+        anchor, over refresh_every steps (timing inside the jitted step would need host round-trips)."""
+        refit = jax.jit(lambda s: anchor.refit(s, self.anchor_cfg))
+        jax.block_until_ready(refit(self.state.extra))
+        t = time.perf_counter()
+        jax.block_until_ready(refit(self.state.extra))
+        return (time.perf_counter() - t) / (self.anchor_cfg.refresh_every * step_seconds)
 
     def export(self) -> str:
         """The trained policy (and its tokenizer) in Hugging Face's layout at <workdir>/hf."""
