@@ -10,7 +10,7 @@ from cvxdpo.convex.classifier import ConvexReLUClassifier
 from cvxdpo.train import anchor
 from cvxdpo.train.logs import read_metrics
 from cvxdpo.train.trainer import Trainer
-from tiny_config import get_config, write_pairs
+from tiny_config import get_config, losses_on_one_device_and_2x2x2, write_pairs
 
 
 @pytest.fixture(scope="module")
@@ -74,13 +74,8 @@ def test_resume_is_exact_with_the_convex_state(tmp_path, pairs):
 
 
 def test_same_losses_on_one_device_and_a_2x2x2_mesh(tmp_path, pairs):
-    one = Trainer(_config(pairs, steps=6), str(tmp_path / "one"), devices=jax.devices()[:1])
-    c = _config(pairs, steps=6)
-    c.mesh = "2,2,2"
-    eight = Trainer(c, str(tmp_path / "eight"))
-    one.run()
-    eight.run()
-    np.testing.assert_allclose(_losses(str(tmp_path / "eight")), _losses(str(tmp_path / "one")), rtol=1e-4)
+    one, eight = losses_on_one_device_and_2x2x2(_config(pairs, steps=6), tmp_path)
+    np.testing.assert_allclose(eight, one, rtol=1e-4)
 
 
 def test_learns_the_tutor_preference(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from cvxdpo.errors import ConfigError, MissingFileError
 from cvxdpo.train.logs import TIMING_PREFIX, read_metrics
 from cvxdpo.train.trainer import Trainer
-from tiny_config import get_config, write_pairs
+from tiny_config import get_config, losses_on_one_device_and_2x2x2, write_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -144,13 +144,8 @@ def test_precomputed_reference_holds_one_copy_and_matches_frozen(tmp_path, pairs
 
 
 def test_same_losses_on_one_device_and_a_2x2x2_mesh(tmp_path, pairs):
-    one = Trainer(_config(pairs, steps=4), str(tmp_path / "one"), devices=jax.devices()[:1])
-    c = _config(pairs, steps=4)
-    c.mesh = "2,2,2"
-    eight = Trainer(c, str(tmp_path / "eight"))
-    one.run()
-    eight.run()
-    np.testing.assert_allclose(_losses(str(tmp_path / "eight")), _losses(str(tmp_path / "one")), rtol=1e-5)
+    one, eight = losses_on_one_device_and_2x2x2(_config(pairs, steps=4), tmp_path)
+    np.testing.assert_allclose(eight, one, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_pass(tmp_path, pairs):

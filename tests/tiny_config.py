@@ -40,3 +40,18 @@ def get_config(pairs_path: str = ""):
                    batch_size=8, steps=12, log_every=1, eval_every=1000, checkpoint_every=4, eval_batches=2,
                    progress=False, beta=0.1)
     return c
+
+
+def losses_on_one_device_and_2x2x2(config, tmp_path):
+    """(losses on 1 device, losses on a 2,2,2 mesh of 8) for the same config, each logged step."""
+    import jax
+
+    from cvxdpo.train.logs import read_metrics
+    from cvxdpo.train.trainer import Trainer
+
+    eight = config.copy_and_resolve_references()
+    eight.mesh = "2,2,2"
+    Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1]).run()
+    Trainer(eight, str(tmp_path / "eight")).run()
+    return tuple([row["loss"] for row in read_metrics(str(tmp_path / name)) if "loss" in row]
+                 for name in ("one", "eight"))
