@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from cvxdpo.errors import ConfigError, MissingFileError
+from cvxdpo.errors import ConfigError, MissingFileError, TrainingDiverged
 from cvxdpo.train.logs import TIMING_PREFIX, read_metrics
 from cvxdpo.train.trainer import Trainer
 from tiny_config import get_config, losses_on_one_device_and_2x2x2, write_pairs
@@ -189,3 +189,12 @@ def test_launcher_prints_one_line_errors(tmp_path, pairs):
     assert proc.returncode == 2
     assert err.strip().splitlines()[-1] == "error: train.beta must be positive, got -1.0"
     assert "Traceback" not in err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, pairs):
+    c = _config(pairs, learning_rate=1e30, warmup_steps=1, checkpoint_every=1)  # blows up within a few steps
+    with pytest.raises(TrainingDiverged, match=r"loss became NaN or infinite by step (\d+).*last good checkpoint is step"):
+        Trainer(c, str(tmp_path / "run")).run()
+    resumed = Trainer(c, str(tmp_path / "run"))  # restores the last good checkpoint
+    assert 0 < resumed.start_step < c.train.steps
+    assert np.isfinite(resumed.evaluate()["loss"])  # its parameters still give a finite loss

@@ -182,7 +182,8 @@ class Trainer:
             while step < t.steps:
                 batch = next(self.train_iter)
                 tokens += int(batch["attention_mask"].sum()) * jax.process_count()
-                self.state, metrics = self.train_step(self.state, self._place(batch))
+                placed = self._place(batch)
+                self.state, metrics = self.train_step(self.state, placed)
                 nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
                 step += 1
                 if step % t.log_every == 0 or step == t.steps:
@@ -197,7 +198,11 @@ class Trainer:
                 if step % t.eval_every == 0 and step != t.steps:
                     writer.write(step, self.evaluate(), "eval/")
                 if step % t.checkpoint_every == 0 or step == t.steps:
-                    self._check_finite(nonfinite, step)
+                    # The losses so far were computed before each update; probe the parameters about to be
+                    # saved too, so that a checkpoint never holds parameters that already give NaN.
+                    probe = self.eval_step(self.state, placed)
+                    probe_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(probe)]))
+                    self._check_finite(nonfinite | ~probe_ok, step)
                     self.checkpointer.save(step, self.state, self.train_iter)
             report["eval_after"] = writer.write(step, self.evaluate(), "eval/")
             if self.convex and step_times:
