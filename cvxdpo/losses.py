@@ -115,13 +115,6 @@ def sft_terms(model, batch: dict) -> dict:
     return {"loss": -logp, "tokens": count}
 
 
-def sft_loss(model, batch: dict) -> tuple[jax.Array, dict]:
-    """Mean next-token cross-entropy over the response tokens of the batch."""
-    terms = sft_terms(model, batch)
-    tokens = jnp.maximum(terms["tokens"].sum(), 1.0)
-    return terms["loss"].sum() / tokens, {"tokens": terms["tokens"].sum()}
-
-
 @dataclasses.dataclass(frozen=True)
 class SignalConfig:
     signal: str = "margin"

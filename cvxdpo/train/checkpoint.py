@@ -50,8 +50,5 @@ class Checkpointer:
                                   f"run's state (was the config changed?): {str(e).splitlines()[0][:300]}") from None
         return restored["state"]
 
-    def wait(self):
-        self.manager.wait_until_finished()
-
     def close(self):
         self.manager.close()

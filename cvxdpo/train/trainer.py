@@ -197,6 +197,8 @@ class Trainer:
                     tokens, tic, logged = 0, time.perf_counter(), step
                 if step % t.eval_every == 0 and step != t.steps:
                     writer.write(step, self.evaluate(), "eval/")
+                    if logged == step:
+                        tic = time.perf_counter()  # keep evaluation out of the next interval's step time
                 if step % t.checkpoint_every == 0 or step == t.steps:
                     # The losses so far were computed before each update; probe the parameters about to be
                     # saved too, so that a checkpoint never holds parameters that already give NaN.
