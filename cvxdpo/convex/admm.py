@@ -246,7 +246,195 @@ def _pcg(apply, precond, b, x0, tol, max_iter, axes: Axes):
     return x, i
 
 
-# --- the solve loop --------------------------------------------------------------------------------
+# --- one iteration, step by step -------------------------------------------------------------------
+# The three constraint blocks F u = z, u = v, G u = s move in lockstep through every step, so each step
+# below acts on a _Stack holding one array per block. Shapes are local blocks when sharded: n rows of
+# this device, C gate columns of this device.
+
+class _Stack(NamedTuple):
+    """One point of the stacked constraint space of [F; sqrt(kappa) I; G] u = [z; sqrt(kappa) v; s].
+
+    The images of u, the copies (z, v, s) and the scaled duals (mu, lam, nu) all live here, so the
+    relaxation, the dual ascent and the residual norms are written once for the three blocks.
+    """
+
+    f_N: jax.Array  # F block: predictions (n,)
+    w_DxC: jax.Array  # identity block: weights (d, C)
+    g_NxC: jax.Array  # cone block: (n, C) for relu, (n, 0) for gated
+
+
+class _Sizes(NamedTuple):
+    """Global element counts of the primal and dual residual spaces (all-reduced once, before the loop)."""
+
+    primal: jax.Array
+    dual: jax.Array
+
+
+class _Sweep(NamedTuple):
+    """What one iteration produced, before the diagnostics look at it."""
+
+    image: _Stack  # [F u; u; G u] at the new u, unrelaxed: the residuals are measured there
+    copies: _Stack  # the new [z; v; s]
+    duals: _Stack  # the new [mu; lam; nu], still scaled by the old rho
+    cg_iterations: jax.Array
+
+
+class _Diagnostics(NamedTuple):
+    """The outputs of a check iteration (or the last ones, carried over between checks)."""
+
+    r_pri: jax.Array
+    r_dual: jax.Array
+    objective: jax.Array
+    gap: jax.Array
+    cone_violation: jax.Array
+    converged: jax.Array
+
+
+def _copies(st: ADMMState) -> _Stack:
+    return _Stack(st.z, st.v, st.s)
+
+
+def _duals(st: ADMMState) -> _Stack:
+    return _Stack(st.mu, st.lam, st.nu)
+
+
+def _minus(a: _Stack, b: _Stack) -> _Stack:
+    return jax.tree.map(lambda x, y: x - y, a, b)
+
+
+def _sq_norm(a, *axes) -> jax.Array:
+    """Squared norm of a local block, all-reduced over the mesh axes it is split over."""
+    return psum(jnp.sum(jnp.square(a)), *axes)
+
+
+def _stack_sq_norm(p: _Stack, kappa, axes: Axes) -> jax.Array:
+    """||p_f||^2 + kappa ||p_w||^2 + ||p_g||^2: the kappa-weighted norm residuals and tolerances use."""
+    return _sq_norm(p.f_N, axes.rows) + kappa * _sq_norm(p.w_DxC, axes.gates) \
+        + _sq_norm(p.g_NxC, axes.rows, axes.gates)
+
+
+def _images(prob: Problem, cfg: ADMMConfig, u_DxC, s_like_NxC, axes: Axes) -> _Stack:
+    """[F u; u; G u]: what the copies z, v, s must equal at a solution. Gated has no cone: G u is (n, 0)."""
+    Gu_NxC = gr.cone(prob.X, prob.M, u_DxC) if cfg.variant == "relu" else jnp.zeros_like(s_like_NxC)
+    return _Stack(gr.forward(prob.X, prob.M, prob.signs, u_DxC, axes), u_DxC, Gu_NxC)
+
+
+def _adjoint(prob: Problem, cfg: ADMMConfig, p: _Stack, axes: Axes) -> jax.Array:
+    """F^T p_f + kappa p_w + G^T p_g: the stacked map transposed, back in weight space (d, C).
+
+    It is the right-hand side of the u-system and the measure of the dual residual and its tolerance.
+    """
+    out_DxC = gr.adjoint(prob.X, prob.M, prob.signs, p.f_N, axes) + prob.kappa * p.w_DxC
+    return out_DxC + (gr.cone_adjoint(prob.X, prob.M, p.g_NxC, axes) if cfg.variant == "relu" else 0.0)
+
+
+def _preconditioner(prob: Problem, cfg: ADMMConfig, apply, shape_DxC, axes: Axes):
+    """The u-system does not involve rho, so its preconditioner is built once per solve, outside the loop."""
+    if cfg.preconditioner == "jacobi":
+        return _jacobi(prob, cfg, axes)
+    if cfg.preconditioner == "nystrom":
+        return _nystrom(prob, cfg, apply, shape_DxC, jax.random.key(0))
+    return lambda R: R
+
+
+def _sizes(prob: Problem, state: ADMMState, axes: Axes) -> _Sizes:
+    """sqrt(size) scales the absolute tolerances (Boyd 3.3.1); counted once, since shapes do not change."""
+    dt = prob.X.dtype
+    dual = psum(jnp.asarray(state.u.size, dt), axes.gates)
+    primal = dual + psum(jnp.asarray(state.z.size, dt), axes.rows) + psum(jnp.asarray(state.s.size, dt),
+                                                                          axes.rows, axes.gates)
+    return _Sizes(primal, dual)
+
+
+def _cg_tolerance(cfg: ADMMConfig, k, dt) -> jax.Array:
+    """Inexact ADMM: early iterates are far from the solution, so a loose u-solve is enough there; the
+    relative tolerance shrinks as (1 + k)^-1.2, k counting iterations over all calls (warm starts too)."""
+    return jnp.maximum(cfg.cg_tol * (1.0 + k.astype(dt)) ** -1.2, cfg.cg_min_tol)
+
+
+def _u_step(prob: Problem, cfg: ADMMConfig, apply, precond, st: ADMMState, axes: Axes):
+    """u <- (F^T F + kappa I + G^T G)^-1 [F^T (z - mu) + kappa (v - lam) + G^T (s - nu)].
+
+    The one coupled step: the loss and the penalty were split off to z and v, leaving a quadratic
+    solved by PCG, warm-started at the last u. Returns (u (d, C), CG iterations).
+    """
+    b_DxC = _adjoint(prob, cfg, _minus(_copies(st), _duals(st)), axes)
+    tol = _cg_tolerance(cfg, st.k, prob.X.dtype)
+    return _pcg(apply, precond, b_DxC, st.u, tol, cfg.cg_max_iter, axes)
+
+
+def _relax(cfg: ADMMConfig, image: _Stack, copies: _Stack) -> _Stack:
+    """Over-relaxation (Boyd 3.4.3): alpha [F u; u; G u] + (1 - alpha) [z; v; s] stands in for the images
+    in the copy and dual steps; alpha in [1.5, 1.8] often speeds convergence, 1 is plain ADMM."""
+    a = cfg.relaxation
+    return jax.tree.map(lambda new, old: a * new + (1 - a) * old, image, copies)
+
+
+def _z_step(prob: Problem, cfg: ADMMConfig, w_N, rho) -> jax.Array:
+    """z <- prox_{loss / rho}(w): the only place the loss enters, separable per sample."""
+    return prox_loss(w_N, prob.y, rho, cfg)
+
+
+def _v_step(prob: Problem, cfg: ADMMConfig, w_DxC, rho) -> jax.Array:
+    """v <- prox of beta sum_i ||v_i|| under the kappa-weighted penalty rho kappa / 2 ||v - w||^2.
+
+    It zeroes whole gate columns, which makes v (not u) the group-sparse solution.
+    """
+    return group_soft_threshold(w_DxC, cfg.beta / (rho * prob.kappa))
+
+
+def _s_step(w_NxC) -> jax.Array:
+    """s <- max(0, w): the projection onto s >= 0, so the relu cone G u >= 0 is held by the copy."""
+    return jnp.maximum(0.0, w_NxC)
+
+
+def _copy_step(prob: Problem, cfg: ADMMConfig, relaxed: _Stack, duals: _Stack, rho) -> _Stack:
+    """The copies, each the prox of its own term at relaxed image + scaled dual: the three are separable."""
+    w = jax.tree.map(lambda x, y: x + y, relaxed, duals)
+    return _Stack(_z_step(prob, cfg, w.f_N, rho), _v_step(prob, cfg, w.w_DxC, rho), _s_step(w.g_NxC))
+
+
+def _dual_step(duals: _Stack, relaxed: _Stack, copies: _Stack) -> _Stack:
+    """Scaled dual ascent: each dual accumulates its block's constraint violation, relaxed image - copy."""
+    return jax.tree.map(lambda d, r, c: d + r - c, duals, relaxed, copies)
+
+
+def _iterate(prob: Problem, cfg: ADMMConfig, apply, precond, st: ADMMState, axes: Axes) -> _Sweep:
+    """One ADMM iteration: the u-solve, over-relaxation, the copies' prox steps, the dual ascent."""
+    u_DxC, cg_iterations = _u_step(prob, cfg, apply, precond, st, axes)
+    image = _images(prob, cfg, u_DxC, st.s, axes)
+    relaxed = _relax(cfg, image, _copies(st))
+    copies = _copy_step(prob, cfg, relaxed, _duals(st), st.rho)
+    return _Sweep(image, copies, _dual_step(_duals(st), relaxed, copies), cg_iterations)
+
+
+# --- diagnostics, rho, stopping ----------------------------------------------------------------------
+
+def _residuals(prob: Problem, cfg: ADMMConfig, st: ADMMState, sweep: _Sweep, axes: Axes):
+    """Primal residual: how far the images are from the copies; dual residual: rho times how far the
+    copies moved, mapped back to weight space (Boyd 3.3). Both vanish at a fixed point of the iteration."""
+    r_pri = jnp.sqrt(_stack_sq_norm(_minus(sweep.image, sweep.copies), prob.kappa, axes))
+    r_dual = st.rho * jnp.sqrt(_sq_norm(_adjoint(prob, cfg, _minus(sweep.copies, _copies(st)), axes), axes.gates))
+    return r_pri, r_dual
+
+
+def _tolerances(prob: Problem, cfg: ADMMConfig, sizes: _Sizes, rho, sweep: _Sweep, axes: Axes):
+    """eps_pri, eps_dual (Boyd 3.3.1): absolute per element plus relative to the larger side of each
+    residual (the duals for the dual one), so the test does not depend on the scale of the data."""
+    eps_pri = jnp.sqrt(sizes.primal) * cfg.abs_tol + cfg.rel_tol * jnp.sqrt(jnp.maximum(
+        _stack_sq_norm(sweep.image, prob.kappa, axes), _stack_sq_norm(sweep.copies, prob.kappa, axes)))
+    eps_dual = jnp.sqrt(sizes.dual) * cfg.abs_tol + cfg.rel_tol * rho * jnp.sqrt(
+        _sq_norm(_adjoint(prob, cfg, sweep.duals, axes), axes.gates))
+    return eps_pri, eps_dual
+
+
+def _primal_objective(prob: Problem, cfg: ADMMConfig, sweep: _Sweep, axes: Axes) -> jax.Array:
+    """The objective at the iterate its model can use: v for gated (exactly group-sparse, the better
+    primal point), u for relu (the one the cone constraint is measured on)."""
+    if cfg.variant == "relu":
+        return gr.loss_value(sweep.image.f_N, prob.y, cfg.loss, axes) + gr.penalty(sweep.image.w_DxC, cfg.beta, axes)
+    return gr.objective(prob.X, prob.y, prob.M, prob.signs, sweep.copies.w_DxC, cfg.beta, cfg.loss, axes)
+
 
 def _relative_gap(prob, cfg, f, primal, axes):
     """Relative duality gap of `primal` against the dual point built from predictions f (gated model)."""
@@ -256,97 +444,105 @@ def _relative_gap(prob, cfg, f, primal, axes):
     return (primal - dual) / jnp.maximum(jnp.abs(primal), 1e-30)
 
 
-def solve_local(prob: Problem, state: ADMMState, cfg: ADMMConfig, axes: Axes = Axes()) -> tuple[ADMMState, SolveInfo]:
-    """Up to cfg.max_iter ADMM iterations from `state` (warm start) on local blocks."""
-    X, y, M, signs, _, kappa = prob
-    dt = X.dtype
-    relu = cfg.variant == "relu"
-    apply = _system(prob, cfg, axes)
-    if cfg.preconditioner == "jacobi":
-        precond = _jacobi(prob, cfg, axes)
-    elif cfg.preconditioner == "nystrom":
-        precond = _nystrom(prob, cfg, apply, state.u.shape, jax.random.key(0))
-    else:
-        precond = lambda R: R  # noqa: E731
-    n_dual = psum(jnp.asarray(state.u.size, dt), axes.gates)
-    n_pri = n_dual + psum(jnp.asarray(state.z.size, dt), axes.rows) + psum(jnp.asarray(state.s.size, dt),
-                                                                              axes.rows, axes.gates)
+def _cone_violation(prob: Problem, cfg: ADMMConfig, image: _Stack, axes: Axes) -> jax.Array:
+    """max(0, -G u) relative to max |X u|: how far the relu iterate is from a real ReLU network (0 gated)."""
+    if cfg.variant != "relu":
+        return jnp.zeros((), prob.X.dtype)
+    scale = jnp.maximum(gr.pmax(jnp.max(jnp.abs(prob.X @ image.w_DxC)), axes.rows, axes.gates), 1e-30)
+    return jnp.maximum(gr.pmax(jnp.max(-image.g_NxC), axes.rows, axes.gates), 0.0) / scale
 
-    def sq(a, *ax):
-        return psum(jnp.sum(jnp.square(a)), *ax)
 
-    def G(U):
-        return gr.cone(X, M, U) if relu else jnp.zeros_like(state.s)
+def _converged(cfg: ADMMConfig, gap, r_pri, r_dual, eps_pri, eps_dual) -> jax.Array:
+    """The gated model stops on its duality gap when gap_tol > 0: a certificate of optimality, the
+    stronger test. Otherwise both residuals must be within their tolerances."""
+    if cfg.variant == "gated" and cfg.gap_tol > 0:
+        return gap <= cfg.gap_tol
+    return (r_pri <= eps_pri) & (r_dual <= eps_dual)
 
-    def Gt(S):
-        return gr.cone_adjoint(X, M, S, axes) if relu else 0.0
 
-    def step(carry):
-        st, info = carry
-        tol = jnp.maximum(cfg.cg_tol * (1.0 + st.k.astype(dt)) ** -1.2, cfg.cg_min_tol)
-        b = gr.adjoint(X, M, signs, st.z - st.mu, axes) + kappa * (st.v - st.lam) + Gt(st.s - st.nu)
-        u, cg_it = _pcg(apply, precond, b, st.u, tol, cfg.cg_max_iter, axes)
-        Fu, Gu = gr.forward(X, M, signs, u, axes), G(u)
-        a = cfg.relaxation  # over-relaxed copies of F u, u, G u
-        Fu_r, u_r, Gu_r = a * Fu + (1 - a) * st.z, a * u + (1 - a) * st.v, a * Gu + (1 - a) * st.s
-        z = prox_loss(Fu_r + st.mu, y, st.rho, cfg)
-        v = group_soft_threshold(u_r + st.lam, cfg.beta / (st.rho * kappa))
-        s = jnp.maximum(0.0, Gu_r + st.nu)
-        mu, lam, nu = st.mu + Fu_r - z, st.lam + u_r - v, st.nu + Gu_r - s
-        it = info.iterations + 1
+def _diagnose(prob: Problem, cfg: ADMMConfig, sizes: _Sizes, st: ADMMState, sweep: _Sweep,
+              axes: Axes) -> _Diagnostics:
+    """Residuals, objective, duality gap and cone violation after one iteration from `st`. The dual
+    point is built from z, which gives the better dual bound."""
+    r_pri, r_dual = _residuals(prob, cfg, st, sweep, axes)
+    eps_pri, eps_dual = _tolerances(prob, cfg, sizes, st.rho, sweep, axes)
+    primal = _primal_objective(prob, cfg, sweep, axes)
+    gap = _relative_gap(prob, cfg, sweep.copies.f_N, primal, axes)
+    converged = _converged(cfg, gap, r_pri, r_dual, eps_pri, eps_dual)
+    return _Diagnostics(r_pri, r_dual, primal, gap, _cone_violation(prob, cfg, sweep.image, axes), converged)
 
-        def diagnose(_):
-            """Residuals (Boyd 3.3) of [F; sqrt(kappa) I; G] u = [z; sqrt(kappa) v; s], objective, gap, cone."""
-            r_pri = jnp.sqrt(sq(Fu - z, axes.rows) + kappa * sq(u - v, axes.gates)
-                             + sq(Gu - s, axes.rows, axes.gates))
-            r_dual = st.rho * jnp.sqrt(sq(gr.adjoint(X, M, signs, z - st.z, axes) + kappa * (v - st.v)
-                                          + Gt(s - st.s), axes.gates))
-            eps_pri = jnp.sqrt(n_pri) * cfg.abs_tol + cfg.rel_tol * jnp.sqrt(jnp.maximum(
-                sq(Fu, axes.rows) + kappa * sq(u, axes.gates) + sq(Gu, axes.rows, axes.gates),
-                sq(z, axes.rows) + kappa * sq(v, axes.gates) + sq(s, axes.rows, axes.gates)))
-            eps_dual = jnp.sqrt(n_dual) * cfg.abs_tol + cfg.rel_tol * st.rho * jnp.sqrt(
-                sq(gr.adjoint(X, M, signs, mu, axes) + kappa * lam + Gt(nu), axes.gates))
-            # v is exactly group-sparse and the better primal point; z gives the better dual point.
-            primal = gr.objective(X, y, M, signs, v, cfg.beta, cfg.loss, axes) if not relu else \
-                gr.loss_value(Fu, y, cfg.loss, axes) + gr.penalty(u, cfg.beta, axes)
-            gap = _relative_gap(prob, cfg, z, primal, axes)
-            if cfg.variant == "gated" and cfg.gap_tol > 0:
-                converged = gap <= cfg.gap_tol  # the certificate is the stronger test
-            else:
-                converged = (r_pri <= eps_pri) & (r_dual <= eps_dual)
-            if relu:
-                scale = jnp.maximum(gr.pmax(jnp.max(jnp.abs(X @ u)), axes.rows, axes.gates), 1e-30)
-                cone_violation = jnp.maximum(gr.pmax(jnp.max(-Gu), axes.rows, axes.gates), 0.0) / scale
-            else:
-                cone_violation = jnp.zeros((), dt)
-            return r_pri, r_dual, primal, gap, cone_violation, converged
 
-        def keep(_):
-            return (info.primal_residual, info.dual_residual, info.objective, info.gap, info.cone_violation,
-                    jnp.asarray(False))
+def _carried(info: SolveInfo) -> _Diagnostics:
+    """Between checks the last diagnostics are reported again, and never as converged."""
+    return _Diagnostics(info.primal_residual, info.dual_residual, info.objective, info.gap, info.cone_violation,
+                        jnp.asarray(False))
 
-        # The diagnostics cost about as much as the iteration itself: run them every check_every iterations.
-        check = (it % cfg.check_every == 0) | (it >= cfg.max_iter)
-        r_pri, r_dual, primal, gap, cone_violation, converged = jax.lax.cond(check, diagnose, keep, None)
-        diverged = check & (~jnp.isfinite(r_pri) | ~jnp.isfinite(r_dual) | ~jnp.isfinite(primal))
-        status = jnp.where(diverged, DIVERGED, jnp.where(converged, CONVERGED,
-                                                          jnp.where(it >= cfg.max_iter, MAX_ITER, RUNNING)))
-        status = status.astype(jnp.int32)
 
-        rho = st.rho
-        if cfg.adaptive_rho:
-            balance_now = check & ((st.k + 1) % cfg.rho_period == 0)
-            up = balance_now & (r_pri > cfg.balance * r_dual)
-            down = balance_now & (r_dual > cfg.balance * r_pri)
-            factor = jnp.where(up, 2.0, jnp.where(down, 0.5, 1.0)).astype(dt)
-            rho, mu, lam, nu = rho * factor, mu / factor, lam / factor, nu / factor
-        new = ADMMState(u, v, lam, z, mu, s, nu, rho, st.k + 1)
-        return new, SolveInfo(it, info.cg_iterations + cg_it, r_pri, r_dual, primal, gap, cone_violation, status)
+def _is_check(cfg: ADMMConfig, it) -> jax.Array:
+    """The diagnostics cost about as much as an iteration: run them every check_every iterations, and
+    on the last one, so that the caller always gets final values."""
+    return (it % cfg.check_every == 0) | (it >= cfg.max_iter)
 
+
+def _status(cfg: ADMMConfig, check, it, diag: _Diagnostics) -> jax.Array:
+    """DIVERGED before CONVERGED before MAX_ITER: non-finite diagnostics must stop the loop whatever else holds."""
+    diverged = check & (~jnp.isfinite(diag.r_pri) | ~jnp.isfinite(diag.r_dual) | ~jnp.isfinite(diag.objective))
+    status = jnp.where(diverged, DIVERGED, jnp.where(diag.converged, CONVERGED,
+                                                      jnp.where(it >= cfg.max_iter, MAX_ITER, RUNNING)))
+    return status.astype(jnp.int32)
+
+
+def _balance_rho(cfg: ADMMConfig, check, k, diag: _Diagnostics, rho, duals: _Stack, dt):
+    """Residual balancing (Boyd 3.4.1): double rho when the primal residual dominates by cfg.balance,
+    halve it when the dual one does, and rescale the scaled duals so the unscaled ones are unchanged.
+    Only every rho_period iterations (k counts iterations done), so it cannot oscillate."""
+    if not cfg.adaptive_rho:
+        return rho, duals
+    balance_now = check & (k % cfg.rho_period == 0)
+    up = balance_now & (diag.r_pri > cfg.balance * diag.r_dual)
+    down = balance_now & (diag.r_dual > cfg.balance * diag.r_pri)
+    factor = jnp.where(up, 2.0, jnp.where(down, 0.5, 1.0)).astype(dt)
+    return rho * factor, jax.tree.map(lambda d: d / factor, duals)
+
+
+def _next_state(sweep: _Sweep, rho, duals: _Stack, k) -> ADMMState:
+    return ADMMState(u=sweep.image.w_DxC, v=sweep.copies.w_DxC, lam=duals.w_DxC, z=sweep.copies.f_N,
+                     mu=duals.f_N, s=sweep.copies.g_NxC, nu=duals.g_NxC, rho=rho, k=k)
+
+
+def _next_info(info: SolveInfo, it, cg_iterations, diag: _Diagnostics, status) -> SolveInfo:
+    return SolveInfo(it, info.cg_iterations + cg_iterations, diag.r_pri, diag.r_dual, diag.objective, diag.gap,
+                     diag.cone_violation, status)
+
+
+def _initial_info(dt) -> SolveInfo:
     zero = jnp.zeros((), dt)
-    info0 = SolveInfo(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero, zero, zero,
-                      jnp.asarray(RUNNING, jnp.int32))
-    return jax.lax.while_loop(lambda c: c[1].status == RUNNING, step, (state, info0))
+    return SolveInfo(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), zero, zero, zero, zero, zero,
+                     jnp.asarray(RUNNING, jnp.int32))
+
+
+# --- the solve loop --------------------------------------------------------------------------------
+
+def solve_local(prob: Problem, state: ADMMState, cfg: ADMMConfig, axes: Axes = Axes()) -> tuple[ADMMState, SolveInfo]:
+    """Up to cfg.max_iter ADMM iterations from `state` (warm start) on local blocks.
+
+    The operator, its preconditioner and the problem sizes are loop-invariant: built once, outside the loop.
+    """
+    apply = _system(prob, cfg, axes)
+    precond = _preconditioner(prob, cfg, apply, state.u.shape, axes)
+    sizes = _sizes(prob, state, axes)
+
+    def step(carry: tuple[ADMMState, SolveInfo]) -> tuple[ADMMState, SolveInfo]:
+        st, info = carry
+        sweep = _iterate(prob, cfg, apply, precond, st, axes)
+        it, k = info.iterations + 1, st.k + 1
+        check = _is_check(cfg, it)
+        diag = jax.lax.cond(check, lambda: _diagnose(prob, cfg, sizes, st, sweep, axes), lambda: _carried(info))
+        rho, duals = _balance_rho(cfg, check, k, diag, st.rho, sweep.duals, prob.X.dtype)
+        status = _status(cfg, check, it, diag)
+        return _next_state(sweep, rho, duals, k), _next_info(info, it, sweep.cg_iterations, diag, status)
+
+    return jax.lax.while_loop(lambda c: c[1].status == RUNNING, step, (state, _initial_info(prob.X.dtype)))
 
 
 def _state_specs(axes: Axes) -> ADMMState:
