@@ -91,6 +91,12 @@ def logical_to_spec(logical: Sequence[str | None]) -> PartitionSpec:
     return PartitionSpec(*(rules.get(name) if name is not None else None for name in logical))
 
 
+def mesh_axes(logical: str | None) -> tuple[str, ...]:
+    """The mesh axes LOGICAL_RULES split one logical dimension over; () when it is not split."""
+    axes = logical_to_spec((logical,))[0]
+    return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Sharding of any batch array: the leading axis over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
@@ -114,9 +120,8 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     if mesh.empty:
         return x
     spec = []
-    for dim, axes in zip(x.shape, logical_to_spec(logical)):
-        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-        spec.append(axes if dim % math.prod(mesh.shape[a] for a in names) == 0 else None)
+    for dim, name, axes in zip(x.shape, logical, logical_to_spec(logical)):
+        spec.append(axes if dim % axis_size(mesh, *mesh_axes(name)) == 0 else None)
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 

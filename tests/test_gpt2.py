@@ -10,6 +10,7 @@ import pytest
 import safetensors.numpy
 import torch
 import transformers
+from flax import nnx
 
 from cvxdpo.errors import ConfigError, MissingFileError
 from cvxdpo.model import generate, gpt2, hub
@@ -156,11 +157,25 @@ def test_bfloat16_compute_stays_close(tmp_path, mesh1):
     assert np.abs(a - np.asarray(out.logits[..., :300], np.float32)).max() < 0.1
 
 
+def test_param_table_describes_the_model_and_the_hub_files(mesh1):
+    cfg = gpt2.preset("tiny", vocab_size=300)
+    _, abstract = gpt2.abstract_model(cfg, mesh1)
+    assert {path: v.get_value().shape for path, v in nnx.to_flat_state(abstract)} == \
+        {p.path: p.shape(cfg) for p in gpt2.PARAMS}
+    for p in gpt2.PARAMS:
+        assert len(p.letters) == len(p.logical), p.name
+        assert p.per_layer == (p.letters[0] == "N") == ("{i}" in p.hf_name), p.name
+    assert gpt2.PARAMS[0].hf_shape(cfg) == (300, 64)  # the hub's vocabulary is unpadded
+    assert gpt2.PARAMS[0].shape(cfg) == (384, 64)
+
+
 def test_presets():
     assert gpt2.preset("gpt2").num_params() == 124_439_808
     assert gpt2.preset("gpt2-medium").num_params() == 354_823_168
     assert gpt2.preset("distilgpt2").n_layer == 6 and gpt2.preset("gpt2-large").n_embd == 1280
     assert gpt2.preset("gpt2").padded_vocab_size == 50304
+    with pytest.raises(TypeError, match="dropout"):  # the model has no dropout; the option is gone
+        gpt2.preset("tiny", dropout=0.1)
 
 
 # --- bad input -------------------------------------------------------------------------------

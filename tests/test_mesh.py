@@ -130,3 +130,19 @@ def test_heads_must_divide_over_tensor_axis():
     cfg = gpt2.preset("tiny", vocab_size=300)  # 4 heads
     with pytest.raises(ConfigError, match="n_head=4 is not divisible by the mesh's tensor axis of size 8"):
         gpt2.create(cfg, mesh=mesh_lib.make_mesh("1,1,8"))
+
+
+def test_fits_mesh_follows_the_mesh_axis_names_and_rules(monkeypatch):
+    cfg = gpt2.preset("tiny", vocab_size=300, n_head=8, n_inner=36)
+    auto = jax.sharding.AxisType.Auto
+    renamed = jax.make_mesh((1, 1, 8), ("data", "fsdp", "model"), axis_types=(auto,) * 3)
+    extra = jax.make_mesh((1, 1, 4, 2), ("data", "fsdp", "tensor", "expert"), axis_types=(auto,) * 4)
+    monkeypatch.setattr(mesh_lib, "LOGICAL_RULES", tuple(
+        (name, "model" if axes == "tensor" else axes) for name, axes in mesh_lib.LOGICAL_RULES))
+    with pytest.raises(ConfigError, match="MLP width=36 is not divisible by the mesh's model axis of size 8"):
+        gpt2.check_fits_mesh(cfg, renamed)
+    monkeypatch.setattr(mesh_lib, "LOGICAL_RULES", tuple(
+        (name, ("tensor", "expert") if name == "mlp" else axes) for name, axes in mesh_lib.LOGICAL_RULES))
+    with pytest.raises(ConfigError, match="MLP width=36 is not divisible by the mesh's tensor x expert axes of size 8"):
+        gpt2.check_fits_mesh(cfg, extra)
+    gpt2.check_fits_mesh(cfg.replace(n_inner=None), extra)  # width 256 divides

@@ -1,17 +1,26 @@
 """GPT-2 in Flax NNX, numerically the model Hugging Face ships.
 
-Layer parameters are stacked on a leading "layers" axis and the blocks run under
-`jax.lax.scan`, so a 24-layer model compiles as fast as a 2-layer one and
-rematerialization is one flag. Every parameter carries logical axis names
-(cvxdpo.mesh.LOGICAL_RULES maps them to the mesh), and the vocabulary is padded
-to a multiple of `vocab_multiple` so that it divides over the tensor axis; the
-padded logits are pinned to the dtype's minimum and never win a softmax.
+One table, `PARAMS`, lists every parameter: its shape, logical axes,
+initializer and Hugging Face tensor name. The model's parameters, the scan over
+blocks, `check_fits_mesh` and cvxdpo.model.hub's file mapping are all read off
+it. Layer parameters are stacked on a leading layer axis and the blocks run
+under `jax.lax.scan`, so a 24-layer model compiles as fast as a 2-layer one and
+rematerialization is one flag. Logical axis names map to the mesh through
+cvxdpo.mesh.LOGICAL_RULES, and the vocabulary is padded to a multiple of
+`vocab_multiple` so that it divides over the tensor axis; the padded logits are
+pinned to the dtype's minimum and never win a softmax.
+
+Arrays that are reshaped or sharded carry their shape in their name
+(`x_BxLxE`): B batch, L length, S attended length (the cache's, or L), and the
+letters of `DIMS` below.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -33,7 +42,6 @@ class GPT2Config:
     n_head: int = 12
     n_inner: int | None = None
     layer_norm_epsilon: float = 1e-5
-    dropout: float = 0.0  # residual, embedding and attention dropout (GPT-2 trains with 0.1; we fine-tune with 0)
     bos_token_id: int = 50256
     eos_token_id: int = 50256
     vocab_multiple: int = 128  # pad the embedding rows to a multiple of this (50257 -> 50304)
@@ -50,8 +58,6 @@ class GPT2Config:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16", "float64"):
                 raise ConfigError(f"GPT2Config.{name}={getattr(self, name)!r} is not a float dtype name")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"GPT2Config.dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def d_mlp(self) -> int:
@@ -66,10 +72,8 @@ class GPT2Config:
         return int(math.ceil(self.vocab_size / self.vocab_multiple) * self.vocab_multiple)
 
     def num_params(self) -> int:
-        """Parameters of the unpadded model (embedding counted once, as it is tied)."""
-        e, m, n = self.n_embd, self.d_mlp, self.n_layer
-        block = 4 * e + (e * 3 * e + 3 * e) + (e * e + e) + (e * m + m) + (m * e + e)
-        return self.vocab_size * e + self.n_positions * e + n * block + 2 * e
+        """Parameters of the unpadded model (embedding counted once, as it is tied): a hub file's count."""
+        return sum(math.prod(p.hf_shape(self)) * (self.n_layer if p.per_layer else 1) for p in PARAMS)
 
     def replace(self, **changes) -> "GPT2Config":
         return dataclasses.replace(self, **changes)
@@ -99,8 +103,99 @@ class GPT2Output(NamedTuple):
     cache: dict | None  # updated KV cache when one was passed in
 
 
-def _param(rngs: nnx.Rngs, init, shape, logical, dtype):
-    return nnx.Param(nnx.with_partitioning(init, logical)(rngs.params(), shape, dtype))
+# The letters that spell parameter shapes in PARAMS (and end array names): what each one counts.
+DIMS: dict[str, tuple[str, Callable[[GPT2Config], int]]] = {
+    "N": ("n_layer", lambda c: c.n_layer),
+    "V": ("padded vocabulary", lambda c: c.padded_vocab_size),  # hub files hold c.vocab_size rows
+    "P": ("n_positions", lambda c: c.n_positions),
+    "E": ("n_embd", lambda c: c.n_embd),
+    "H": ("n_head", lambda c: c.n_head),
+    "D": ("head_dim", lambda c: c.head_dim),
+    "M": ("MLP width", lambda c: c.d_mlp),
+    "3": ("q, k, v", lambda c: 3),
+}
+
+
+class ParamSpec(NamedTuple):
+    """One parameter of the model, and where it lives in a Hugging Face GPT-2 file."""
+
+    name: str  # attribute of GPT2, or of GPT2.blocks for a per-layer parameter
+    dims: str  # shape in DIMS letters; a Hugging Face file flattens each (group) into one dimension
+    logical: tuple[str | None, ...]  # one logical axis per letter (cvxdpo.mesh.LOGICAL_RULES)
+    init: str  # a key of _initializers
+    hf_name: str  # hub tensor name without the "transformer." prefix; {i} is the layer
+
+    @property
+    def per_layer(self) -> bool:
+        """Stacked on a leading "layers" axis; the hub stores one tensor per layer."""
+        return self.logical[0] == "layers"
+
+    @property
+    def path(self) -> tuple[str, ...]:
+        """Where the parameter sits in the model's nnx state."""
+        return ("blocks", self.name) if self.per_layer else (self.name,)
+
+    @property
+    def groups(self) -> list[list[str]]:
+        """The letters in their groups: "N (H D) E" -> [["N"], ["H", "D"], ["E"]]."""
+        return [(group or letter).split() for group, letter in re.findall(r"\(([^()]*)\)|([^\s()]+)", self.dims)]
+
+    @property
+    def letters(self) -> list[str]:
+        return [letter for group in self.groups for letter in group]
+
+    def shape(self, cfg: GPT2Config) -> tuple[int, ...]:
+        return tuple(DIMS[letter][1](cfg) for letter in self.letters)
+
+    def hf_shape(self, cfg: GPT2Config, flat: bool = True) -> tuple[int, ...]:
+        """One layer's tensor in a hub file (Conv1D weights are [in, out]; the vocabulary is unpadded).
+
+        With flat=False each group stays split into its letters: the shape to
+        reshape a hub tensor to before padding it into ours.
+        """
+        def size(letter):
+            return cfg.vocab_size if letter == "V" else DIMS[letter][1](cfg)
+
+        groups = [[size(letter) for letter in group] for group in self.groups if group != ["N"]]
+        return tuple(math.prod(g) for g in groups) if flat else tuple(n for g in groups for n in g)
+
+    def create(self, cfg: GPT2Config, rngs: nnx.Rngs) -> nnx.Param:
+        init = nnx.with_partitioning(_initializers(cfg)[self.init], self.logical)
+        return nnx.Param(init(rngs.params(), self.shape(cfg), jnp.dtype(cfg.param_dtype)))
+
+
+def _initializers(cfg: GPT2Config) -> dict:
+    return {
+        "ones": nnx.initializers.ones,
+        "zeros": nnx.initializers.zeros,
+        "normal": nnx.initializers.normal(0.02),
+        "small": nnx.initializers.normal(0.01),  # positions
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
+        "proj": nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
+    }
+
+
+# Every parameter, in creation order (which fixes the random init). wte is also the output layer (tied).
+PARAMS = tuple(ParamSpec(*row) for row in (
+    # name               dims           logical axes                              init      hub tensor
+    ("wte",             "V E",         ("vocab", "embed"),                       "normal", "wte.weight"),
+    ("wpe",             "P E",         (None, "embed"),                          "small",  "wpe.weight"),
+    ("ln_1_scale",      "N E",         ("layers", None),                         "ones",   "h.{i}.ln_1.weight"),
+    ("ln_1_bias",       "N E",         ("layers", None),                         "zeros",  "h.{i}.ln_1.bias"),
+    ("qkv_kernel",      "N E (3 H D)", ("layers", "embed", None, "heads", "kv"), "normal", "h.{i}.attn.c_attn.weight"),
+    ("qkv_bias",        "N (3 H D)",   ("layers", None, "heads", "kv"),          "zeros",  "h.{i}.attn.c_attn.bias"),
+    ("attn_out_kernel", "N (H D) E",   ("layers", "heads", "kv", "embed"),       "proj",   "h.{i}.attn.c_proj.weight"),
+    ("attn_out_bias",   "N E",         ("layers", None),                         "zeros",  "h.{i}.attn.c_proj.bias"),
+    ("ln_2_scale",      "N E",         ("layers", None),                         "ones",   "h.{i}.ln_2.weight"),
+    ("ln_2_bias",       "N E",         ("layers", None),                         "zeros",  "h.{i}.ln_2.bias"),
+    ("fc_kernel",       "N E M",       ("layers", "embed", "mlp"),               "normal", "h.{i}.mlp.c_fc.weight"),
+    ("fc_bias",         "N M",         ("layers", "mlp"),                        "zeros",  "h.{i}.mlp.c_fc.bias"),
+    ("mlp_out_kernel",  "N M E",       ("layers", "mlp", "embed"),               "proj",   "h.{i}.mlp.c_proj.weight"),
+    ("mlp_out_bias",    "N E",         ("layers", None),                         "zeros",  "h.{i}.mlp.c_proj.bias"),
+    ("ln_f_scale",      "E",           (None,),                                  "ones",   "ln_f.weight"),
+    ("ln_f_bias",       "E",           (None,),                                  "zeros",  "ln_f.bias"),
+))
+_BY_NAME = {p.name: p for p in PARAMS}
 
 
 def _layer_norm(x, scale, bias, eps):
@@ -111,88 +206,50 @@ def _layer_norm(x, scale, bias, eps):
     return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(x.dtype)
 
 
-def _dropout(x, rate, rng):
-    if rate == 0.0 or rng is None:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-# Per-layer parameters of a block: logical axes (after the leading "layers" axis) and initializer kind.
-BLOCK_PARAMS = {
-    "ln_1_scale": ((None,), "ones"),
-    "ln_1_bias": ((None,), "zeros"),
-    "qkv_kernel": (("embed", None, "heads", "kv"), "normal"),
-    "qkv_bias": ((None, "heads", "kv"), "zeros"),
-    "attn_out_kernel": (("heads", "kv", "embed"), "proj"),
-    "attn_out_bias": ((None,), "zeros"),
-    "ln_2_scale": ((None,), "ones"),
-    "ln_2_bias": ((None,), "zeros"),
-    "fc_kernel": (("embed", "mlp"), "normal"),
-    "fc_bias": (("mlp",), "zeros"),
-    "mlp_out_kernel": (("mlp", "embed"), "proj"),
-    "mlp_out_bias": ((None,), "zeros"),
-}
-
-
-def _block_shapes(cfg: GPT2Config) -> dict[str, tuple[int, ...]]:
-    E, H, D, M = cfg.n_embd, cfg.n_head, cfg.head_dim, cfg.d_mlp
-    return {"ln_1_scale": (E,), "ln_1_bias": (E,), "qkv_kernel": (E, 3, H, D), "qkv_bias": (3, H, D),
-            "attn_out_kernel": (H, D, E), "attn_out_bias": (E,), "ln_2_scale": (E,), "ln_2_bias": (E,),
-            "fc_kernel": (E, M), "fc_bias": (M,), "mlp_out_kernel": (M, E), "mlp_out_bias": (E,)}
-
-
 def _gathered(value: jax.Array, logical) -> jax.Array:
     """FSDP: a parameter is stored split over "embed" and used whole (all-gathered just in time)."""
     return mesh_lib.constrain(value, tuple(None if a == "embed" else a for a in logical))
 
 
-class Blocks(nnx.Module):
-    """All transformer blocks, parameters stacked on a leading layer axis."""
-
-    def __init__(self, cfg: GPT2Config, rngs: nnx.Rngs):
-        pd = jnp.dtype(cfg.param_dtype)
-        inits = {
-            "ones": nnx.initializers.ones,
-            "zeros": nnx.initializers.zeros,
-            "normal": nnx.initializers.normal(0.02),
-            # GPT-2 scales the residual projections by 1/sqrt(2 * n_layer).
-            "proj": nnx.initializers.normal(0.02 / math.sqrt(2 * cfg.n_layer)),
-        }
-        for name, shape in _block_shapes(cfg).items():
-            logical, init = BLOCK_PARAMS[name]
-            setattr(self, name, _param(rngs, inits[init], (cfg.n_layer, *shape), ("layers", *logical), pd))
-
-
-def _block(cfg: GPT2Config, p: dict, x, mask, layer_cache, cache_index, rng):
-    """One pre-LayerNorm block. `p` holds this layer's parameters (layer axis removed)."""
-    dt = x.dtype
-    r_attn, r_res1, r_res2 = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
-
-    h = _layer_norm(x, p["ln_1_scale"], p["ln_1_bias"], cfg.layer_norm_epsilon)
-    qkv = jnp.einsum("bte,ezhd->btzhd", h, p["qkv_kernel"].astype(dt)) + p["qkv_bias"].astype(dt)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+def _attention(p: dict, h_BxLxE, mask_Bx1xLxS, layer_cache, cache_index):
+    """Causal self-attention; with a cache, this step's keys and values are written at `cache_index`."""
+    dt = h_BxLxE.dtype
+    qkv_BxLx3xHxD = jnp.einsum("ble,ezhd->blzhd", h_BxLxE, p["qkv_kernel"].astype(dt)) + p["qkv_bias"].astype(dt)
+    q_BxLxHxD, k_BxLxHxD, v_BxLxHxD = (qkv_BxLx3xHxD[:, :, i] for i in range(3))
+    k_BxSxHxD, v_BxSxHxD = k_BxLxHxD, v_BxLxHxD  # without a cache, S = L
     if layer_cache is not None:
-        k = jax.lax.dynamic_update_slice_in_dim(layer_cache["k"], k.astype(layer_cache["k"].dtype), cache_index, 1)
-        v = jax.lax.dynamic_update_slice_in_dim(layer_cache["v"], v.astype(layer_cache["v"].dtype), cache_index, 1)
-        layer_cache = {"k": k, "v": v}
-    if cfg.dropout and r_attn is not None:
-        # Attention dropout needs the probabilities, so take the explicit path.
-        logits = jnp.einsum("bthd,bshd->bhts", q, k.astype(dt)).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = _dropout(jax.nn.softmax(logits, axis=-1), cfg.dropout, r_attn).astype(dt)
-        attn = jnp.einsum("bhts,bshd->bthd", probs, v.astype(dt))
-    else:
-        attn = jax.nn.dot_product_attention(q, k.astype(dt), v.astype(dt), mask=mask)
-    attn = jnp.einsum("bthd,hde->bte", attn, p["attn_out_kernel"].astype(dt)) + p["attn_out_bias"].astype(dt)
-    x = x + _dropout(attn, cfg.dropout, r_res1)
+        def write(cached, new):
+            return jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, 1)
 
-    h = _layer_norm(x, p["ln_2_scale"], p["ln_2_bias"], cfg.layer_norm_epsilon)
-    h = jnp.einsum("bte,em->btm", h, p["fc_kernel"].astype(dt)) + p["fc_bias"].astype(dt)
-    h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new" (tanh form)
-    h = jnp.einsum("btm,me->bte", h, p["mlp_out_kernel"].astype(dt)) + p["mlp_out_bias"].astype(dt)
-    x = x + _dropout(h, cfg.dropout, r_res2)
-    return x, layer_cache
+        k_BxSxHxD, v_BxSxHxD = write(layer_cache["k"], k_BxLxHxD), write(layer_cache["v"], v_BxLxHxD)
+        layer_cache = {"k": k_BxSxHxD, "v": v_BxSxHxD}
+    out_BxLxHxD = jax.nn.dot_product_attention(q_BxLxHxD, k_BxSxHxD.astype(dt), v_BxSxHxD.astype(dt),
+                                               mask=mask_Bx1xLxS)
+    out_BxLxE = jnp.einsum("blhd,hde->ble", out_BxLxHxD, p["attn_out_kernel"].astype(dt))
+    return out_BxLxE + p["attn_out_bias"].astype(dt), layer_cache
+
+
+def _mlp(p: dict, h_BxLxE):
+    dt = h_BxLxE.dtype
+    h_BxLxM = jnp.einsum("ble,em->blm", h_BxLxE, p["fc_kernel"].astype(dt)) + p["fc_bias"].astype(dt)
+    h_BxLxM = jax.nn.gelu(h_BxLxM, approximate=True)  # GPT-2's "gelu_new" (tanh form)
+    return jnp.einsum("blm,me->ble", h_BxLxM, p["mlp_out_kernel"].astype(dt)) + p["mlp_out_bias"].astype(dt)
+
+
+def _block(cfg: GPT2Config, p: dict, x_BxLxE, mask_Bx1xLxS, layer_cache, cache_index):
+    """One pre-LayerNorm block. `p` holds this layer's parameters (layer axis removed)."""
+    h_BxLxE = _layer_norm(x_BxLxE, p["ln_1_scale"], p["ln_1_bias"], cfg.layer_norm_epsilon)
+    out_BxLxE, layer_cache = _attention(p, h_BxLxE, mask_Bx1xLxS, layer_cache, cache_index)
+    x_BxLxE = x_BxLxE + out_BxLxE
+    h_BxLxE = _layer_norm(x_BxLxE, p["ln_2_scale"], p["ln_2_bias"], cfg.layer_norm_epsilon)
+    return x_BxLxE + _mlp(p, h_BxLxE), layer_cache
+
+
+class Blocks(nnx.Module):
+    """All transformer blocks: the per-layer PARAMS, each stacked on a leading layer axis."""
+
+
+BLOCK_PARAMS = tuple(p for p in PARAMS if p.per_layer)  # a view of PARAMS, for the scan
 
 
 class GPT2(nnx.Module):
@@ -204,13 +261,9 @@ class GPT2(nnx.Module):
 
     def __init__(self, cfg: GPT2Config, *, rngs: nnx.Rngs):
         self.cfg = cfg
-        pd = jnp.dtype(cfg.param_dtype)
-        normal = nnx.initializers.normal(0.02)
-        self.wte = _param(rngs, normal, (cfg.padded_vocab_size, cfg.n_embd), ("vocab", "embed"), pd)
-        self.wpe = _param(rngs, nnx.initializers.normal(0.01), (cfg.n_positions, cfg.n_embd), (None, "embed"), pd)
-        self.blocks = Blocks(cfg, rngs)
-        self.ln_f_scale = _param(rngs, nnx.initializers.ones, (cfg.n_embd,), (None,), pd)
-        self.ln_f_bias = _param(rngs, nnx.initializers.zeros, (cfg.n_embd,), (None,), pd)
+        self.blocks = Blocks()
+        for p in PARAMS:
+            setattr(self.blocks if p.per_layer else self, p.name, p.create(cfg, rngs))
 
     def __call__(
         self,
@@ -220,7 +273,6 @@ class GPT2(nnx.Module):
         *,
         cache: dict | None = None,
         cache_index: jax.Array | int = 0,
-        dropout_rng: jax.Array | None = None,
     ) -> GPT2Output:
         """Logits and final hidden states for `input_ids` (batch, length).
 
@@ -232,62 +284,61 @@ class GPT2(nnx.Module):
         """
         cfg = self.cfg
         dt = jnp.dtype(cfg.dtype)
-        B, T = input_ids.shape
+        B, L = input_ids.shape
         if attention_mask is None:
-            attention_mask = jnp.ones((B, T if cache is None else cache["k"].shape[2]), jnp.int32)
-        key_mask = attention_mask.astype(bool)
+            attention_mask = jnp.ones((B, L if cache is None else cache["k"].shape[2]), jnp.int32)
+        keys_BxS = attention_mask.astype(bool)
         if positions is None:
             if cache is not None:
                 raise ConfigError("GPT2: positions must be given when decoding with a cache")
             positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-        S = key_mask.shape[1]
-        q_pos = jnp.asarray(cache_index) + jnp.arange(T) if cache is not None else jnp.arange(T)
-        causal = q_pos[:, None] >= jnp.arange(S)[None, :]
-        mask = (causal[None, None] & key_mask[:, None, None, :])  # (B, 1, T, S)
+        S = keys_BxS.shape[1]
+        query_pos_L = jnp.asarray(cache_index) + jnp.arange(L) if cache is not None else jnp.arange(L)
+        causal_LxS = query_pos_L[:, None] >= jnp.arange(S)[None, :]
+        mask_Bx1xLxS = causal_LxS[None, None] & keys_BxS[:, None, None, :]
 
-        wte = _gathered(self.wte[...], ("vocab", "embed"))
+        wte_VxE = _gathered(self.wte[...], _BY_NAME["wte"].logical)
         # The lookup reads a whole copy of the table (a gather from a vocab-split table makes XLA
         # replicate its output anyway); the output projection below keeps the vocab split.
-        table = mesh_lib.constrain(wte, (None, None)).astype(dt)
-        x = (table[input_ids] + _gathered(self.wpe[...], (None, "embed")).astype(dt)[positions]).astype(dt)
-        rngs = (None,) * 2 if dropout_rng is None else tuple(jax.random.split(dropout_rng, 2))
-        x = mesh_lib.constrain(_dropout(x, cfg.dropout, rngs[0]), ("batch", "length", None))
+        table_VxE = mesh_lib.constrain(wte_VxE, (None, None)).astype(dt)
+        wpe_PxE = _gathered(self.wpe[...], _BY_NAME["wpe"].logical).astype(dt)
+        x_BxLxE = (table_VxE[input_ids] + wpe_PxE[positions]).astype(dt)
+        x_BxLxE = mesh_lib.constrain(x_BxLxE, ("batch", "length", None))
 
-        params = {k: getattr(self.blocks, k)[...] for k in BLOCK_PARAMS}
-        layer_rngs = None if rngs[1] is None else jax.random.split(rngs[1], cfg.n_layer)
-
-        def body(carry, scanned):
-            p, layer_cache, rng = scanned
-            p = {k: _gathered(v, BLOCK_PARAMS[k][0]) for k, v in p.items()}
-            y, layer_cache = _block(cfg, p, carry, mask, layer_cache, cache_index, rng)
-            return mesh_lib.constrain(y, ("batch", "length", None)), layer_cache
+        def body(x_BxLxE, scanned):
+            stacked, layer_cache = scanned
+            p = {s.name: _gathered(stacked[s.name], s.logical[1:]) for s in BLOCK_PARAMS}
+            x_BxLxE, layer_cache = _block(cfg, p, x_BxLxE, mask_Bx1xLxS, layer_cache, cache_index)
+            return mesh_lib.constrain(x_BxLxE, ("batch", "length", None)), layer_cache
 
         if cfg.remat:
             body = jax.checkpoint(body, prevent_cse=False)
-        x, new_cache = jax.lax.scan(body, x, (params, cache, layer_rngs))
+        stacked = {s.name: getattr(self.blocks, s.name)[...] for s in BLOCK_PARAMS}
+        x_BxLxE, new_cache = jax.lax.scan(body, x_BxLxE, (stacked, cache))
 
-        hidden = _layer_norm(x, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
-        logits = jnp.einsum("bte,ve->btv", hidden, wte.astype(dt))
-        valid = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
-        logits = jnp.where(valid, logits, jnp.finfo(logits.dtype).min)
-        return GPT2Output(mesh_lib.constrain(logits, ("batch", "length", "vocab")), hidden, new_cache)
+        hidden_BxLxE = _layer_norm(x_BxLxE, self.ln_f_scale[...], self.ln_f_bias[...], cfg.layer_norm_epsilon)
+        logits_BxLxV = jnp.einsum("ble,ve->blv", hidden_BxLxE, wte_VxE.astype(dt))
+        valid_V = jnp.arange(cfg.padded_vocab_size) < cfg.vocab_size
+        logits_BxLxV = jnp.where(valid_V, logits_BxLxV, jnp.finfo(logits_BxLxV.dtype).min)
+        return GPT2Output(mesh_lib.constrain(logits_BxLxV, ("batch", "length", "vocab")), hidden_BxLxE, new_cache)
 
     def init_cache(self, batch: int, length: int, dtype=None) -> dict:
         """An empty KV cache of `length` slots for `batch` sequences."""
         cfg = self.cfg
-        shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+        shape_NxBxSxHxD = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
         dt = jnp.dtype(dtype or cfg.dtype)
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+        return {"k": jnp.zeros(shape_NxBxSxHxD, dt), "v": jnp.zeros(shape_NxBxSxHxD, dt)}
 
 
 def check_fits_mesh(cfg: GPT2Config, mesh: jax.sharding.Mesh) -> None:
-    """Every sharded dimension must divide by its mesh axis; says which one does not."""
-    tensor, fsdp = mesh.shape["tensor"], mesh.shape["fsdp"]
-    for what, n, axis, size in (("n_head", cfg.n_head, "tensor", tensor), ("MLP width", cfg.d_mlp, "tensor", tensor),
-                                ("padded vocabulary", cfg.padded_vocab_size, "tensor", tensor),
-                                ("n_embd", cfg.n_embd, "fsdp", fsdp)):
-        if n % size:
-            raise ConfigError(f"model {what}={n} is not divisible by the mesh's {axis} axis of size {size}")
+    """Every parameter dimension must divide by the mesh axes LOGICAL_RULES split it over; says which one does not."""
+    for p in PARAMS:
+        for letter, n, logical in zip(p.letters, p.shape(cfg), p.logical):
+            axes = [a for a in mesh_lib.mesh_axes(logical) if a in mesh.axis_names]
+            size = mesh_lib.axis_size(mesh, *axes)
+            if n % size:
+                raise ConfigError(f"model {DIMS[letter][0]}={n} is not divisible by the mesh's {' x '.join(axes)} "
+                                  f"{'axes' if len(axes) > 1 else 'axis'} of size {size}")
 
 
 def abstract_model(cfg: GPT2Config, mesh: jax.sharding.Mesh, seed: int = 0):
@@ -319,8 +370,8 @@ def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
     vocab): the log-softmax is formed as gathered logit minus logsumexp, both
     (batch, length), computed in float32.
     """
-    targets = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    weights = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0].astype(jnp.float32)
-    return ((picked - lse) * weights).sum(-1), weights.sum(-1)
+    targets_BxL = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
+    weights_BxL = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
+    picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0].astype(jnp.float32)
+    return ((picked_BxL - lse_BxL) * weights_BxL).sum(-1), weights_BxL.sum(-1)

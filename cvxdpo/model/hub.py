@@ -37,6 +37,7 @@ _WEIGHTS = "model.safetensors"
 _INDEX = "model.safetensors.index.json"
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+_SPECS = {spec.path: spec for spec in gpt2.PARAMS}  # nnx state path -> its row of gpt2.PARAMS
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> gpt2.GPT2Config:
@@ -76,39 +77,14 @@ def config_to_hf(cfg: gpt2.GPT2Config) -> dict:
         "n_inner": cfg.n_inner,
         "activation_function": "gelu_new",
         "layer_norm_epsilon": cfg.layer_norm_epsilon,
-        "resid_pdrop": cfg.dropout,
-        "embd_pdrop": cfg.dropout,
-        "attn_pdrop": cfg.dropout,
+        "resid_pdrop": 0.0,  # cvxdpo's GPT-2 has no dropout; loading ignores these three
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
         "initializer_range": 0.02,
         "bos_token_id": cfg.bos_token_id,
         "eos_token_id": cfg.eos_token_id,
         "tie_word_embeddings": True,
     }
-
-
-def _layout(cfg: gpt2.GPT2Config) -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
-    """Our parameter path -> (hub key pattern with {i} for the layer, hub tensor shape)."""
-    E, M = cfg.n_embd, cfg.d_mlp
-    per_layer = {
-        "ln_1_scale": ("h.{i}.ln_1.weight", (E,)),
-        "ln_1_bias": ("h.{i}.ln_1.bias", (E,)),
-        "qkv_kernel": ("h.{i}.attn.c_attn.weight", (E, 3 * E)),  # Conv1D weights are [in, out]
-        "qkv_bias": ("h.{i}.attn.c_attn.bias", (3 * E,)),
-        "attn_out_kernel": ("h.{i}.attn.c_proj.weight", (E, E)),
-        "attn_out_bias": ("h.{i}.attn.c_proj.bias", (E,)),
-        "ln_2_scale": ("h.{i}.ln_2.weight", (E,)),
-        "ln_2_bias": ("h.{i}.ln_2.bias", (E,)),
-        "fc_kernel": ("h.{i}.mlp.c_fc.weight", (E, M)),
-        "fc_bias": ("h.{i}.mlp.c_fc.bias", (M,)),
-        "mlp_out_kernel": ("h.{i}.mlp.c_proj.weight", (M, E)),
-        "mlp_out_bias": ("h.{i}.mlp.c_proj.bias", (E,)),
-    }
-    layout = {("blocks", name): spec for name, spec in per_layer.items()}
-    layout[("wte",)] = ("wte.weight", (cfg.vocab_size, E))
-    layout[("wpe",)] = ("wpe.weight", (cfg.n_positions, E))
-    layout[("ln_f_scale",)] = ("ln_f.weight", (E,))
-    layout[("ln_f_bias",)] = ("ln_f.bias", (E,))
-    return layout
 
 
 def _resolve(name_or_dir: str) -> str:
@@ -154,31 +130,21 @@ def _tensor_reader(directory: str) -> Callable[[str], np.ndarray | None]:
     return read
 
 
-def _to_ours(path: tuple[str, ...], hub: np.ndarray, cfg: gpt2.GPT2Config) -> np.ndarray:
-    H, D, E = cfg.n_head, cfg.head_dim, cfg.n_embd
-    name = path[-1]
-    if name == "qkv_kernel":
-        return hub.reshape(E, 3, H, D)
-    if name == "qkv_bias":
-        return hub.reshape(3, H, D)
-    if name == "attn_out_kernel":
-        return hub.reshape(H, D, E)
-    if name == "wte":
-        return np.pad(hub, ((0, cfg.padded_vocab_size - cfg.vocab_size), (0, 0)))
-    return hub
+def _hub_keys(spec: gpt2.ParamSpec, cfg: gpt2.GPT2Config) -> list[str]:
+    """The hub tensor names of one parameter: one per layer for a per-layer parameter."""
+    return [spec.hf_name.format(i=i) for i in range(cfg.n_layer)] if spec.per_layer else [spec.hf_name]
 
 
-def _to_hub(path: tuple[str, ...], ours: np.ndarray, cfg: gpt2.GPT2Config) -> np.ndarray:
-    name = path[-1]
-    if name == "qkv_kernel":
-        return ours.reshape(cfg.n_embd, 3 * cfg.n_embd)
-    if name == "attn_out_kernel":
-        return ours.reshape(cfg.n_embd, cfg.n_embd)
-    if name == "qkv_bias":
-        return ours.reshape(-1)
-    if name == "wte":
-        return ours[: cfg.vocab_size]
-    return ours
+def _to_ours(spec: gpt2.ParamSpec, hub: np.ndarray, cfg: gpt2.GPT2Config, shape: tuple[int, ...]) -> np.ndarray:
+    """A hub tensor as one layer of ours, of `shape`: flattened groups split, the vocabulary padded."""
+    split = spec.hf_shape(cfg, flat=False)
+    return np.pad(hub.reshape(split), [(0, n - s) for n, s in zip(shape, split)])
+
+
+def _to_hub(spec: gpt2.ParamSpec, ours: np.ndarray, cfg: gpt2.GPT2Config) -> np.ndarray:
+    """One layer of ours as a hub tensor: the vocabulary padding cut off, groups flattened."""
+    split = spec.hf_shape(cfg, flat=False)
+    return ours[tuple(slice(s) for s in split)].reshape(spec.hf_shape(cfg))
 
 
 def load_pretrained(name_or_dir: str, mesh: jax.sharding.Mesh | None = None, **config_overrides) -> gpt2.GPT2:
@@ -202,22 +168,19 @@ def load_pretrained(name_or_dir: str, mesh: jax.sharding.Mesh | None = None, **c
 
     mesh = mesh or mesh_lib.make_mesh()
     graphdef, abstract = gpt2.abstract_model(cfg, mesh)
-    layout = _layout(cfg)
     flat = []
     for path, var in nnx.to_flat_state(abstract):
-        key, hub_shape = layout[path]
-        target = var.get_value()
-        layers = range(cfg.n_layer) if path[0] == "blocks" else [None]
+        spec, target = _SPECS[path], var.get_value()
+        hub_shape = spec.hf_shape(cfg)
         pieces = []
-        for i in layers:
-            k = key.format(i=i)
+        for k in _hub_keys(spec, cfg):
             t = read(k)
             if t is None:
                 raise ConfigError(f"{directory}: tensor {k!r} is missing from the weights")
             if tuple(t.shape) != hub_shape:
                 raise ConfigError(f"{directory}: tensor {k!r} has shape {tuple(t.shape)}, config.json implies {hub_shape}")
-            pieces.append(_to_ours(path, t, cfg))
-        value = np.stack(pieces) if path[0] == "blocks" else pieces[0]
+            pieces.append(_to_ours(spec, t, cfg, target.shape[1:] if spec.per_layer else target.shape))
+        value = np.stack(pieces) if spec.per_layer else pieces[0]
         value = jax.device_put(value.astype(target.dtype), target.sharding)
         flat.append((path, var.replace(value=value)))
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
@@ -231,19 +194,15 @@ def save_pretrained(model: gpt2.GPT2, directory: str) -> None:
     cfg = model.cfg
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise ConfigError(f"save_pretrained: {directory!r} exists and is not a directory")
-    layout = _layout(cfg)
     tensors = {}
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value()
         host = np.asarray(multihost_utils.process_allgather(value, tiled=True)) if not value.is_fully_addressable \
             else np.asarray(jax.device_get(value))
-        key, _ = layout[path]
-        host = host.astype(np.float32)
-        if path[0] == "blocks":
-            for i in range(cfg.n_layer):
-                tensors[key.format(i=i)] = np.ascontiguousarray(_to_hub(path, host[i], cfg))
-        else:
-            tensors[key] = np.ascontiguousarray(_to_hub(path, host, cfg))
+        spec = _SPECS[path]
+        layers = host.astype(np.float32) if spec.per_layer else [host.astype(np.float32)]
+        for k, layer in zip(_hub_keys(spec, cfg), layers, strict=True):
+            tensors[k] = np.ascontiguousarray(_to_hub(spec, layer, cfg))
     if jax.process_index() == 0:
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
