@@ -17,14 +17,20 @@ DATASETS = {
 # clip 10, batch 64, beta 0.1); SFT uses the same optimizer with a larger step.
 METHODS = {
     "sft": dict(method="sft", learning_rate=1e-5),
-    "dpo": dict(method="dpo", loss="sigmoid", reference="frozen"),
+    "dpo": dict(method="dpo", reference="frozen"),
     "dpo_convex": dict(method="dpo_convex"),
 }
 
 
 def experiment(dataset: str, method: str):
+    """The defaults with one dataset's data settings and one method's training settings."""
     c = default_config()
     c.model.name = "gpt2"
     c.data.update(DATASETS[dataset])
     c.train.update(METHODS[method])
     return c
+
+
+def get_config(spec: str = "tutor,dpo"):
+    """`--config=configs/base.py:DATASET,METHOD` on the command line (tools/ablate.py runs it this way)."""
+    return experiment(*spec.split(","))

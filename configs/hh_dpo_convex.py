@@ -2,7 +2,7 @@
 
     python -m launch.train --config=configs/hh_sft.py --workdir=runs/hh_sft
     python -m launch.train --config=configs/hh_dpo_convex.py --workdir=runs/hh_dpo_convex \
-        --config.train.init_from=runs/hh_sft --config.convex.signal=margin
+        --config.train.init_from=runs/hh_sft --config.signal.name=margin
 """
 
 from configs import base

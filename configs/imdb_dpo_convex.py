@@ -2,7 +2,7 @@
 
     python -m launch.train --config=configs/imdb_sft.py --workdir=runs/imdb_sft
     python -m launch.train --config=configs/imdb_dpo_convex.py --workdir=runs/imdb_dpo_convex \
-        --config.train.init_from=runs/imdb_sft --config.convex.signal=margin
+        --config.train.init_from=runs/imdb_sft --config.signal.name=margin
 """
 
 from configs import base

@@ -23,9 +23,10 @@ def get_config():
     c.train.update(optimizer="adamw", batch_size=32, warmup_steps=20, log_every=25, eval_every=10_000,
                    checkpoint_every=100, eval_batches=8)
     c.stages = "sft,dpo_convex"
-    # Per-stage overrides, by section (e.g. --config.dpo_convex.train.beta=0.5 on the command line).
+    # Per-stage overrides, by section (e.g. --config.dpo_convex.loss.beta=0.5 on the command line; a shared
+    # field such as --config.loss.beta=0.5 reaches every stage).
     c.sft = ml_collections.ConfigDict({"train": dict(method="sft", steps=250, learning_rate=2e-3)})
-    c.dpo_convex = ml_collections.ConfigDict({"train": dict(method="dpo_convex", steps=100, learning_rate=2e-4,
-                                                            beta=0.1),
-                                              "convex": dict(buffer=256, refresh_every=10)})
+    c.dpo_convex = ml_collections.ConfigDict({"train": dict(method="dpo_convex", steps=100, learning_rate=2e-4),
+                                              "loss": dict(beta=0.1),
+                                              "anchor": dict(buffer=256, refresh_every=10)})
     return c

@@ -2,7 +2,7 @@
 
     python -m launch.train --config=configs/shp_sft.py --workdir=runs/shp_sft
     python -m launch.train --config=configs/shp_dpo_convex.py --workdir=runs/shp_dpo_convex \
-        --config.train.init_from=runs/shp_sft --config.convex.signal=margin
+        --config.train.init_from=runs/shp_sft --config.signal.name=margin
 """
 
 from configs import base

@@ -2,7 +2,7 @@
 
     python -m launch.train --config=configs/tutor_sft.py --workdir=runs/tutor_sft
     python -m launch.train --config=configs/tutor_dpo_convex.py --workdir=runs/tutor_dpo_convex \
-        --config.train.init_from=runs/tutor_sft --config.convex.signal=margin
+        --config.train.init_from=runs/tutor_sft --config.signal.name=margin
 """
 
 from configs import base

@@ -1,7 +1,10 @@
-"""The config tree (model, tokenizer, data, train, mesh) with every default in one place.
+"""The config tree (mesh, model, tokenizer, data, train, loss, signal, anchor) with every default in one place.
 
 Experiment files in `configs/` start from `default_config()` and change only
 what differs; `validate` turns an impossible value into one clear ConfigError.
+The `loss`, `signal` and `anchor` sections hold exactly the fields of the
+dataclasses they build (`losses.LossConfig`, `losses.SignalConfig`,
+`anchor.AnchorConfig`, through `cvxdpo.train.objectives.build`).
 The defaults for DPO are the official DPO code's: RMSprop, lr 5e-7, 150 linear
 warm-up steps, gradient clipping 10, batch 64, max_length 512,
 max_prompt_length 256, beta 0.1.
@@ -16,7 +19,6 @@ import ml_collections
 from cvxdpo.errors import ConfigError
 
 METHODS = ("sft", "dpo", "dpo_convex")
-LOSSES = ("sigmoid", "ipo", "hinge", "reference_free", "simpo")
 REFERENCES = ("frozen", "precomputed")
 OPTIMIZERS = ("rmsprop", "adamw")
 SOURCES = ("tutor", "shp", "imdb", "hh", "jsonl")
@@ -32,7 +34,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" (hub/dir weights) or "scratch" (a preset trained from zero)
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.remat = False
-    c.model.dropout = 0.0
     c.model.overrides = ml_collections.ConfigDict()  # e.g. n_layer for a scratch preset
 
     c.tokenizer = ml_collections.ConfigDict()
@@ -60,11 +61,6 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "dpo"
-    c.train.loss = "sigmoid"
-    c.train.beta = 0.1
-    c.train.label_smoothing = 0.0
-    c.train.simpo_gamma = 0.5  # SimPO's target margin (in units of beta * length-normalized log-prob)
-    c.train.ipo_normalize_length = True
     c.train.reference = "frozen"
     c.train.reference_dtype = "float32"
     c.train.optimizer = "rmsprop"
@@ -82,23 +78,34 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
-    c.train.export_hf = False  # write <workdir>/hf (config.json + model.safetensors) at the end
+    c.train.export_hf = True  # write <workdir>/hf (config.json, model.safetensors, tokenizer) at the end
     c.train.progress = True
 
-    # DPO-Convex (train.method = "dpo_convex"): the anchor and how its margin enters the loss.
-    c.convex = ml_collections.ConfigDict()
-    c.convex.signal = "margin"  # distill | margin | soft_label
-    c.convex.gamma = 1.0  # weight of the convex margin (distill, margin)
-    c.convex.tau = 1.0  # temperature of the soft label
-    c.convex.eps = 0.05  # soft label kept in [0.5, 1 - eps]
-    c.convex.normalize_length = False  # length-normalized log-probs, as SimPO
-    c.convex.dim = 32
-    c.convex.buffer = 256  # pairs; a multiple of train.batch_size
-    c.convex.refresh_every = 10
-    c.convex.num_gates = 16
-    c.convex.reg = 0.01
-    c.convex.loss = "logistic"
-    c.convex.admm_iters = 100
+    # The DPO-family loss (train.method = "dpo"); `beta` is DPO-Convex's beta too.
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "sigmoid"  # sigmoid | ipo | hinge | reference_free | simpo
+    c.loss.beta = 0.1
+    c.loss.label_smoothing = 0.0
+    c.loss.simpo_gamma = 0.5  # SimPO's target margin (in units of beta * length-normalized log-prob)
+    c.loss.ipo_normalize_length = True
+
+    # DPO-Convex (train.method = "dpo_convex"): how the anchor's margin enters the loss ...
+    c.signal = ml_collections.ConfigDict()
+    c.signal.name = "margin"  # distill | margin | soft_label
+    c.signal.gamma = 1.0  # weight of the convex margin (distill, margin)
+    c.signal.tau = 1.0  # temperature of the soft label
+    c.signal.eps = 0.05  # soft label kept in [0.5, 1 - eps]
+    c.signal.normalize_length = False  # length-normalized log-probs, as SimPO
+
+    # ... and the anchor: features, buffer and the ADMM refit of the convex network.
+    c.anchor = ml_collections.ConfigDict()
+    c.anchor.dim = 32
+    c.anchor.buffer = 256  # pairs; a multiple of train.batch_size
+    c.anchor.refresh_every = 10
+    c.anchor.num_gates = 16
+    c.anchor.reg = 0.01
+    c.anchor.loss = "logistic"
+    c.anchor.admm_iters = 100
     return c
 
 
@@ -108,22 +115,17 @@ def _choice(value, options, name):
 
 
 def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
-    """Raises ConfigError naming the first impossible value."""
+    """Raises ConfigError naming the first impossible value (the `loss`, `signal` and `anchor` sections are
+    checked by the dataclasses they build)."""
     _choice(c.train.method, METHODS, "train.method")
-    _choice(c.train.loss, LOSSES, "train.loss")
     _choice(c.train.reference, REFERENCES, "train.reference")
     _choice(c.train.optimizer, OPTIMIZERS, "train.optimizer")
     _choice(c.data.source, SOURCES, "data.source")
     _choice(c.model.dtype, DTYPES, "model.dtype")
     _choice(c.train.reference_dtype, DTYPES, "train.reference_dtype")
     _choice(c.model.init, ("pretrained", "scratch"), "model.init")
-    _choice(c.convex.signal, ("distill", "margin", "soft_label"), "convex.signal")
-    if c.train.method == "dpo_convex" and c.convex.buffer % c.train.batch_size:
-        raise ConfigError(f"convex.buffer={c.convex.buffer} must be a multiple of train.batch_size={c.train.batch_size}")
-    if c.train.beta <= 0:
-        raise ConfigError(f"train.beta must be positive, got {c.train.beta}")
-    if not 0 <= c.train.label_smoothing < 0.5:
-        raise ConfigError(f"train.label_smoothing must be in [0, 0.5), got {c.train.label_smoothing}")
+    if c.train.method == "dpo_convex" and c.anchor.buffer % c.train.batch_size:
+        raise ConfigError(f"anchor.buffer={c.anchor.buffer} must be a multiple of train.batch_size={c.train.batch_size}")
     for name in ("batch_size", "micro_batches", "steps", "log_every", "eval_every", "checkpoint_every",
                  "keep_checkpoints"):
         if int(c.train[name]) <= 0:

@@ -1,23 +1,49 @@
-"""Sample continuations from a GPT-2: a preset (random weights), a hub name, or a local directory.
+"""Sample continuations from a GPT-2: a run's workdir or exported model directory, a hub name, or a preset.
 
-    python -m launch.sample --model=gpt2 --prompt="The tutor said" --temperature=0.7 --top_p=0.9
+    python -m launch.sample --model=runs/quickstart/dpo_convex --prompt="Can you explain ethics?" --temperature=0.7
+
+The tokenizer is the model directory's own (what the run trained with) unless
+`--tokenizer` names another; a preset gets random weights and GPT-2's tokenizer.
 """
 
-from absl import flags
+import os
+
+from absl import flags, logging
 
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.data.tokenizer import load_tokenizer
 from cvxdpo.model import generate, gpt2, hub
 from launch import common
 
-MODEL = flags.DEFINE_string("model", "tiny", "Preset name (random init), hub name, or local model directory.")
-TOKENIZER = flags.DEFINE_string("tokenizer", "gpt2", "'gpt2' (offline), a tokenizer directory, or a hub name.")
+MODEL = flags.DEFINE_string("model", "tiny", "A run's workdir, a model directory, a hub name, or a preset name "
+                            "(random init).")
+TOKENIZER = flags.DEFINE_string("tokenizer", None, "'gpt2' (offline), a tokenizer directory, or a hub name. "
+                                "Default: the model directory's own tokenizer, else 'gpt2'.")
 PROMPTS = flags.DEFINE_multi_string("prompt", ["What is the structure of a Shakespearean sonnet?"], "Prompt(s).")
 MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate per prompt.")
 TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling and init seed.")
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def model_directory(spec: str) -> str:
+    """A run's workdir stands for its exported model (<workdir>/hf); anything else is returned as given."""
+    exported = os.path.join(spec, "hf")
+    return exported if os.path.isdir(exported) else spec
+
+
+def pick_tokenizer(model_spec: str, tokenizer_spec: str | None):
+    if tokenizer_spec:
+        return load_tokenizer(tokenizer_spec)
+    if os.path.isdir(model_spec):
+        if any(os.path.exists(os.path.join(model_spec, f)) for f in TOKENIZER_FILES):
+            return load_tokenizer(model_spec)
+        logging.warning("%s holds no tokenizer; using GPT-2's (pass --tokenizer if the model used another)",
+                        model_spec)
+    return load_tokenizer("gpt2")
 
 
 def load_model(spec: str, mesh, vocab_size: int):
@@ -30,8 +56,9 @@ def load_model(spec: str, mesh, vocab_size: int):
 def main(argv):
     del argv
     mesh = mesh_lib.make_mesh(common.MESH.value)
-    tokenizer = load_tokenizer(TOKENIZER.value)
-    model = load_model(MODEL.value, mesh, tokenizer.vocab_size)
+    spec = model_directory(MODEL.value)
+    tokenizer = pick_tokenizer(spec, TOKENIZER.value)
+    model = load_model(spec, mesh, tokenizer.vocab_size)
     replies = generate.generate_text(model, tokenizer, PROMPTS.value, MAX_NEW.value, temperature=TEMPERATURE.value,
                                      top_k=TOP_K.value, top_p=TOP_P.value, seed=SEED.value)
     for prompt, reply in zip(PROMPTS.value, replies):

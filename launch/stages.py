@@ -1,9 +1,17 @@
-"""Multi-stage runs (SFT then DPO, ...) and the quickstart's printed report."""
+"""Multi-stage runs (SFT then DPO, ...): each stage in <workdir>/<stage>, starting from the one before.
+
+A config with a `stages` field (e.g. "sft,dpo_convex") holds the shared
+sections plus one section per stage with that stage's overrides, by section
+(`config.dpo_convex.loss.beta`). A command-line override of a shared field
+(`--config.loss.beta=0.5`) reaches every stage, after the stage's own values;
+`--config.<stage>.<section>.<field>` changes one stage.
+"""
 
 import copy
 import os
 
 from cvxdpo.data.tokenizer import load_tokenizer
+from cvxdpo.errors import ConfigError
 from cvxdpo.model import generate, hub
 from cvxdpo.train.trainer import Trainer
 
@@ -11,36 +19,60 @@ SAMPLE_PROMPTS = 3
 TEMPERATURES = (0.0, 0.8)
 
 
-def stage_config(config, stage: str, previous: str | None):
-    """The config of one stage: the shared config with the stage's dotted overrides applied."""
+def stage_names(config) -> list[str]:
+    return config.stages.split(",")
+
+
+def stage_config(config, stage: str, previous: str | None, overrides=()):
+    """The config of one stage: the shared config, the stage's section overrides, then the dotted
+    command-line `overrides` of shared fields (so that they win over the stage's values)."""
     c = copy.deepcopy(config)
     for section, values in config[stage].items():
+        if section not in c:
+            raise ConfigError(f"config.{stage}.{section} is not a config section")
         c[section].update(values)
+    for key in overrides:
+        if key.split(".")[0] not in stage_names(config):
+            _set(c, key, _get(config, key))
     c.train.init_from = previous or c.train.init_from
-    for name in ["stages", *config.stages.split(",")]:
+    for name in ["stages", *stage_names(config)]:
         del c[name]
     return c
 
 
-def run_stages(config, workdir: str) -> list[dict]:
-    reports, previous = [], None
-    for stage in config.stages.split(","):
+def _get(config, key: str):
+    for part in key.split("."):
+        config = config[part]
+    return config
+
+
+def _set(config, key: str, value) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        config = config[part]
+    config[last] = value
+
+
+def run_stages(config, workdir: str, overrides=()) -> list[tuple[str, Trainer, dict]]:
+    """Runs every stage in order; returns (stage, trainer, report) per stage."""
+    results, previous = [], None
+    for stage in stage_names(config):
         stage_dir = os.path.join(workdir, stage)
         print(f"== stage {stage} -> {stage_dir}", flush=True)
-        trainer = Trainer(stage_config(config, stage, previous), stage_dir)
-        reports.append((stage, trainer, trainer.run()))
+        trainer = Trainer(stage_config(config, stage, previous, overrides), stage_dir)
+        results.append((stage, trainer, trainer.run()))
         previous = stage_dir
-    print_report(reports)
-    return [r for _, _, r in reports]
+    return results
 
 
 def _fmt(metrics: dict | None, key: str) -> str:
     return "-" if not metrics or key not in metrics else f"{metrics[key]:.3f}"
 
 
-def print_report(reports) -> None:
+def print_report(results) -> None:
+    """Held-out metrics before -> after per stage, and replies sampled from the last stage's model."""
     print("\n== report")
-    for stage, trainer, r in reports:
+    for stage, trainer, r in results:
         before, after = r.get("eval_before"), r.get("eval_after")
         print(f"[{stage}] {r['steps'] - r['start_step']} steps in {r['train_seconds']:.0f} s")
         if trainer.mode == "sft":
@@ -48,12 +80,27 @@ def print_report(reports) -> None:
         else:
             for key in ("preference_accuracy", "rewards/accuracies", "rewards/margins", "loss"):
                 print(f"  held-out {key}: {_fmt(before, 'eval/' + key)} -> {_fmt(after, 'eval/' + key)}")
-    _, trainer, _ = reports[-1]
-    model = hub.load_pretrained(os.path.join(trainer.workdir, "hf"), trainer.mesh)
-    tok = load_tokenizer(os.path.join(trainer.workdir, "hf"))
+    _, trainer, report = results[-1]
+    if report["hf"]:
+        _print_samples(trainer, report["hf"])
+
+
+def _print_samples(trainer, hf_dir: str) -> None:
+    model = hub.load_pretrained(hf_dir, trainer.mesh)
+    tok = load_tokenizer(hf_dir)
     prompts = [trainer.eval_source[k].prompt for k in range(min(SAMPLE_PROMPTS, len(trainer.eval_source)))]
     for temperature in TEMPERATURES:
         replies = generate.generate_text(model, tok, prompts, 40, temperature=temperature, top_p=0.95, seed=0)
         print(f"\n-- samples at temperature {temperature}")
         for prompt, reply in zip(prompts, replies):
             print(f"> {prompt}\n  {reply.strip()}")
+
+
+def print_outputs(results) -> None:
+    """Where each stage's metrics, checkpoints and exported model are."""
+    print("\n== outputs")
+    for stage, _, r in results:
+        print(f"[{stage}] metrics: {os.path.join(r['workdir'], 'metrics.jsonl')}\n"
+              f"  checkpoints: {os.path.join(r['workdir'], 'checkpoints')}\n"
+              f"  Hugging Face model: {r['hf'] or '(not exported: train.export_hf=false)'}\n"
+              f"  curves: tensorboard --logdir {os.path.join(r['workdir'], 'tensorboard')}")

@@ -36,3 +36,11 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.skip(f"shared sample data folder not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def pairs(tmp_path_factory):
+    """The tiny config's learnable JSONL pair set (tests/tiny_config.py), written once per session."""
+    from tiny_config import write_pairs
+
+    return write_pairs(str(tmp_path_factory.mktemp("data") / "pairs.jsonl"))

@@ -35,7 +35,7 @@ def one_step(mesh, local_rows=None):
 
     tx = optax.sgd(0.5)  # plain SGD: the update is a linear function of the gradient, so comparable
     graphdef, state, shardings = state_lib.create_train_state(gpt2.preset("tiny", **CONFIG), tx, mesh, seed=0)
-    step = step_lib.make_train_step(objectives.SFTObjective(graphdef), tx, mesh, shardings)
+    step = step_lib.make_train_step(objectives.SFTObjective(), graphdef, tx, mesh, shardings)
     rows = batch() if local_rows is None else local_rows
     state, metrics = step(state, mesh_lib.place_batch(rows, mesh))
     return float(metrics["loss"]), float(metrics["grad_norm"]), state.params

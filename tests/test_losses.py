@@ -20,7 +20,7 @@ def _log_sigmoid(x):
 
 
 def _terms(loss, **kw):
-    cfg = losses.LossConfig(loss=loss, **kw)
+    cfg = losses.LossConfig(name=loss, **kw)
     return {k: np.asarray(v) for k, v in
             losses.preference_terms(jnp.asarray(POLICY), jnp.asarray(REF), jnp.asarray(COUNTS), cfg).items()}
 
@@ -64,7 +64,7 @@ def test_hinge_reference_free_and_simpo():
 
 
 def test_step_zero_is_log_two_with_zero_rewards():
-    cfg = losses.LossConfig(loss="sigmoid", beta=0.1)
+    cfg = losses.LossConfig(name="sigmoid", beta=0.1)
     t = losses.preference_terms(jnp.asarray(POLICY), jnp.asarray(POLICY), jnp.asarray(COUNTS), cfg)
     np.testing.assert_allclose(np.asarray(t["loss"]), math.log(2), rtol=1e-7)
     m = losses.preference_metrics(t, jnp.ones(2))
@@ -85,9 +85,9 @@ def test_metrics_are_weighted_means():
 MARGIN = np.array([0.8, -0.4])
 
 
-def _signal(signal, **kw):
-    cfg = losses.SignalConfig(signal=signal, **kw)
-    out = losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), jnp.asarray(MARGIN), cfg)
+def _signal(signal, beta, **kw):
+    cfg = losses.SignalConfig(name=signal, **kw)
+    out = losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), jnp.asarray(MARGIN), beta, cfg)
     return {k: np.asarray(v) for k, v in out.items()}
 
 
@@ -108,9 +108,9 @@ def test_convex_signals_against_hand_values():
 
 
 def test_convex_margin_carries_no_gradient():
-    cfg = losses.SignalConfig(signal="distill", beta=0.5)
+    cfg = losses.SignalConfig(name="distill")
 
     def total(margin):
-        return losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), margin, cfg)["loss"].sum()
+        return losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), margin, 0.5, cfg)["loss"].sum()
 
     assert np.all(np.asarray(jax.grad(total)(jnp.asarray(MARGIN))) == 0)

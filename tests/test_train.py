@@ -14,28 +14,20 @@ import pytest
 from cvxdpo.errors import ConfigError, MissingFileError, TrainingDiverged
 from cvxdpo.train.logs import TIMING_PREFIX, read_metrics
 from cvxdpo.train.trainer import Trainer
-from tiny_config import get_config, losses_on_one_device_and_2x2x2, write_pairs
+from tiny_config import get_config, logged_losses, losses_on_one_device_and_2x2x2
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def pairs(tmp_path_factory):
-    return write_pairs(str(tmp_path_factory.mktemp("data") / "pairs.jsonl"))
-
-
-def _config(pairs, **train):
+def _config(pairs, loss=None, **train):
     c = get_config(pairs)
     c.train.update(train)
+    c.loss.update(loss or {})
     return c
 
 
 def _params(trainer):
     return [np.asarray(x) for x in jax.tree.leaves(trainer.state.params)]
-
-
-def _losses(workdir):
-    return [row["loss"] for row in read_metrics(workdir) if "loss" in row]
 
 
 def _untimed(rows):
@@ -74,10 +66,11 @@ def test_resume_is_exact(tmp_path, pairs):
     assert train_rows(str(tmp_path / "straight")) == train_rows(str(tmp_path / "stopped"))
 
 
-def _launch(pairs, workdir, env_extra=None, **flags):
-    cmd = [sys.executable, "-m", "launch.train", f"--config=tests/tiny_config.py:{pairs}", f"--workdir={workdir}",
-           *[f"--config.train.{k}={v}" for k, v in flags.items()]]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", **(env_extra or {})}
+def _launch(pairs, workdir, *overrides, entry=("-m", "launch.train")):
+    """launch.train (or another `entry` taking its flags) on the tiny config, with dotted config overrides."""
+    cmd = [sys.executable, *entry, f"--config=tests/tiny_config.py:{pairs}", f"--workdir={workdir}",
+           *[f"--config.{item}" for item in overrides]]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -112,7 +105,7 @@ def test_sigkill_between_and_during_checkpoints(tmp_path, pairs):
 
     # Killed while the step-8 checkpoint is being written: the half-written one is never restored.
     during = str(tmp_path / "during")
-    proc = _launch(pairs, during, env_extra={"CVXDPO_FAULT": "kill_after_save:8"})
+    proc = _launch(pairs, during, entry=("tests/kill_after_save.py", "8"))
     proc.communicate(timeout=600)
     assert proc.returncode == -signal.SIGKILL
     complete = sorted(int(d) for d in os.listdir(os.path.join(during, "checkpoints")) if d.isdigit())
@@ -138,7 +131,7 @@ def test_precomputed_reference_holds_one_copy_and_matches_frozen(tmp_path, pairs
     assert len(jax.tree.leaves(precomputed.state)) == n_params + n_moments + 2  # + step and rng: no second copy
     frozen.run()
     precomputed.run()
-    np.testing.assert_allclose(_losses(str(tmp_path / "precomputed")), _losses(str(tmp_path / "frozen")), rtol=1e-4)
+    np.testing.assert_allclose(logged_losses(tmp_path / "precomputed"), logged_losses(tmp_path / "frozen"), rtol=1e-4)
     again = Trainer(_config(pairs, reference="precomputed"), str(tmp_path / "precomputed2"))  # cache reuse
     np.testing.assert_array_equal(again.ref_tables[0], precomputed.ref_tables[0])
 
@@ -154,21 +147,23 @@ def test_gradient_accumulation_equals_one_pass(tmp_path, pairs):
     split = Trainer(_config(pairs, steps=3, micro_batches=4), str(tmp_path / "split"), devices=two)
     whole.run()
     split.run()
-    np.testing.assert_allclose(_losses(str(tmp_path / "split")), _losses(str(tmp_path / "whole")), rtol=1e-5)
+    np.testing.assert_allclose(logged_losses(tmp_path / "split"), logged_losses(tmp_path / "whole"), rtol=1e-5)
     for a, b in zip(_params(whole), _params(split)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)  # Adam: updates ~3e-3, float noise ~1e-6
 
 
 # --- bad config values -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field, value, message", [
-    ("loss", "kto", "train.loss='kto' is not one of sigmoid"),
-    ("beta", -0.1, "train.beta must be positive, got -0.1"),
-    ("micro_batches", 3, "train.batch_size=8 is not divisible by train.micro_batches=3"),
+@pytest.mark.parametrize("section, field, value, message", [
+    ("loss", "name", "kto", "loss.name='kto' is not one of sigmoid"),
+    ("loss", "beta", -0.1, "loss.beta must be positive, got -0.1"),
+    ("train", "micro_batches", 3, "train.batch_size=8 is not divisible by train.micro_batches=3"),
 ])
-def test_bad_config_values(tmp_path, pairs, field, value, message):
+def test_bad_config_values(tmp_path, pairs, section, field, value, message):
+    c = _config(pairs)
+    c[section][field] = value
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
-        Trainer(_config(pairs, **{field: value}), str(tmp_path / "run"))
+        Trainer(c, str(tmp_path / "run"))
 
 
 def test_workdir_that_is_a_file(tmp_path, pairs):
@@ -184,10 +179,10 @@ def test_init_from_without_a_finished_run(tmp_path, pairs):
 
 
 def test_launcher_prints_one_line_errors(tmp_path, pairs):
-    proc = _launch(pairs, str(tmp_path / "run"), beta=-1)
+    proc = _launch(pairs, str(tmp_path / "run"), "loss.beta=-1")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2
-    assert err.strip().splitlines()[-1] == "error: train.beta must be positive, got -1.0"
+    assert err.strip().splitlines()[-1] == "error: loss.beta must be positive, got -1.0"
     assert "Traceback" not in err
 
 

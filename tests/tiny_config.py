@@ -36,22 +36,27 @@ def get_config(pairs_path: str = ""):
     c.model.overrides.n_head = 8  # divides every axis of 8 devices
     c.tokenizer.spec, c.tokenizer.vocab_size = "train", 320
     c.data.update(source="jsonl", path=pairs_path, eval_fraction=0.25, max_length=32, max_prompt_length=16)
-    c.train.update(method="dpo", loss="sigmoid", optimizer="adamw", learning_rate=3e-3, warmup_steps=2,
-                   batch_size=8, steps=12, log_every=1, eval_every=1000, checkpoint_every=4, eval_batches=2,
-                   progress=False, beta=0.1)
+    c.train.update(method="dpo", optimizer="adamw", learning_rate=3e-3, warmup_steps=2, batch_size=8, steps=12,
+                   log_every=1, eval_every=1000, checkpoint_every=4, eval_batches=2, progress=False)
+    c.loss.update(name="sigmoid", beta=0.1)
     return c
+
+
+def logged_losses(workdir) -> list[float]:
+    """The training loss of every logged step of a run."""
+    from cvxdpo.train.logs import read_metrics
+
+    return [row["loss"] for row in read_metrics(str(workdir)) if "loss" in row]
 
 
 def losses_on_one_device_and_2x2x2(config, tmp_path):
     """(losses on 1 device, losses on a 2,2,2 mesh of 8) for the same config, each logged step."""
     import jax
 
-    from cvxdpo.train.logs import read_metrics
     from cvxdpo.train.trainer import Trainer
 
     eight = config.copy_and_resolve_references()
     eight.mesh = "2,2,2"
     Trainer(config, str(tmp_path / "one"), devices=jax.devices()[:1]).run()
     Trainer(eight, str(tmp_path / "eight")).run()
-    return tuple([row["loss"] for row in read_metrics(str(tmp_path / name)) if "loss" in row]
-                 for name in ("one", "eight"))
+    return logged_losses(tmp_path / "one"), logged_losses(tmp_path / "eight")

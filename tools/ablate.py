@@ -6,7 +6,9 @@ without length normalization), across beta and seeds, from one shared SFT model.
 
 For each dataset one SFT run (a small GPT-2 trained from scratch, byte-level
 BPE) is the starting point of every variant; each variant runs as its own
-`launch.train` process (so peak memory is its own) for the same steps. Per run:
+`launch.train` process (so peak memory is its own; the config is
+`configs/base.py` with command-line overrides, exactly as a user would run
+it) for the same steps. Per run:
 held-out preference accuracy (log pi(y_w) > log pi(y_l)) after training, the
 drift of the held-out chosen log-prob (after - before; negative = likelihood
 displacement), loss-curve roughness (std of successive loss differences over
@@ -24,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -32,13 +33,16 @@ import sys
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-VARIANTS = {
-    "dpo-frozen": dict(method="dpo", loss="sigmoid", reference="frozen"),
-    "dpo-precomputed": dict(method="dpo", loss="sigmoid", reference="precomputed"),
-    "reference-free": dict(method="dpo", loss="reference_free"),
-    "simpo": dict(method="dpo", loss="simpo"),
-    **{f"convex-{signal}{'-norm' if norm else ''}": dict(method="dpo_convex", signal=signal, normalize_length=norm)
-       for signal in ("distill", "margin", "soft_label") for norm in (False, True)},
+from cvxdpo.losses import SIGNALS  # noqa: E402
+
+VARIANTS = {  # dotted config overrides per variant
+    "dpo-frozen": ["train.method=dpo", "loss.name=sigmoid", "train.reference=frozen"],
+    "dpo-precomputed": ["train.method=dpo", "loss.name=sigmoid", "train.reference=precomputed"],
+    "reference-free": ["train.method=dpo", "loss.name=reference_free"],
+    "simpo": ["train.method=dpo", "loss.name=simpo"],
+    **{f"convex-{signal}{'-norm' if norm else ''}": ["train.method=dpo_convex", f"signal.name={signal}",
+                                                     f"signal.normalize_length={norm}"]
+       for signal in SIGNALS for norm in (False, True)},
 }
 HELPFUL = "because therefore for example specifically first then finally clearly measured checked".split()
 VAGUE = "maybe whatever somehow anyway probably stuff things kinda basically dunno".split()
@@ -59,46 +63,30 @@ def write_shp_shaped(path: str, n: int = 3000, seed: int = 0) -> str:
 
 def dataset_overrides(name: str, out: str) -> list[str]:
     if name == "tutor":
-        return ["--config.data.source=tutor", "--config.data.truncation=keep_start"]
+        return ["data.source=tutor", "data.truncation=keep_start"]
     path = write_shp_shaped(os.path.join(out, "shp_shaped.jsonl"))
-    return ["--config.data.source=jsonl", f"--config.data.path={path}"]
+    return ["data.source=jsonl", f"data.path={path}"]
 
 
-COMMON = ["--config.model.name=tiny", "--config.model.init=scratch", "--config.tokenizer.spec=train",
-          "--config.tokenizer.vocab_size=1024", "--config.data.max_length=96", "--config.data.max_prompt_length=48",
-          "--config.data.eval_fraction=0.05", "--config.train.optimizer=adamw", "--config.train.batch_size=16",
-          "--config.train.warmup_steps=10", "--config.train.log_every=1", "--config.train.eval_every=100000",
-          "--config.train.checkpoint_every=100000", "--config.train.eval_batches=8", "--config.train.progress=false",
-          "--config.convex.buffer=128", "--config.convex.refresh_every=5"]
+COMMON = ["model.name=tiny", "model.init=scratch", "tokenizer.spec=train", "tokenizer.vocab_size=1024",
+          "data.max_length=96", "data.max_prompt_length=48", "data.eval_fraction=0.05", "train.optimizer=adamw",
+          "train.batch_size=16", "train.warmup_steps=10", "train.log_every=1", "train.eval_every=100000",
+          "train.checkpoint_every=100000", "train.eval_batches=8", "train.progress=false", "anchor.buffer=128",
+          "anchor.refresh_every=5"]
 
 
 def launch(workdir: str, overrides: list[str]) -> dict:
-    cmd = [sys.executable, os.path.join(ROOT, "tools", "ablate.py"), "--child", workdir, *overrides]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-    if out.returncode:
-        raise RuntimeError(f"{workdir}: {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def child(workdir: str, overrides: list[str]) -> None:
-    """One training run in this process: the trainer from a config built like launch.train's."""
-    import time
-
-
-    from cvxdpo.config import default_config
-    from cvxdpo.train.trainer import Trainer
-
-    c = default_config()
-    for item in overrides:
-        key, value = item.removeprefix("--config.").split("=", 1)
-        section, name = key.split(".")
-        current = c[section][name]
-        c[section][name] = (value.lower() == "true") if isinstance(current, bool) else type(current)(value)
-    t = time.perf_counter()
-    report = Trainer(c, workdir).run()
-    report["wall_s"] = time.perf_counter() - t
-    report["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps(report))
+    """One `launch.train` run on configs/base.py with `overrides`; its peak RSS from the OS."""
+    os.makedirs(workdir, exist_ok=True)
+    cmd = [sys.executable, "-m", "launch.train", "--config=configs/base.py", f"--workdir={workdir}",
+           *[f"--config.{item}" for item in overrides]]
+    with open(os.path.join(workdir, "stdout.log"), "w") as out, open(os.path.join(workdir, "stderr.log"), "w") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status):
+        with open(os.path.join(workdir, "stderr.log")) as f:
+            raise RuntimeError(f"{workdir}: {f.read()[-2000:]}")
+    return {"peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def roughness(losses: list[float]) -> float:
@@ -117,29 +105,28 @@ def run_grid(args) -> list[dict]:
         data = dataset_overrides(dataset, base)
         sft = os.path.join(base, "sft")
         if not os.path.exists(os.path.join(sft, "hf", "model.safetensors")):
-            launch(sft, COMMON + data + ["--config.train.method=sft", f"--config.train.steps={args.sft_steps}",
-                                         "--config.train.learning_rate=0.003"])
+            launch(sft, COMMON + data + ["train.method=sft", f"train.steps={args.sft_steps}",
+                                         "train.learning_rate=0.003"])
         for variant, spec in VARIANTS.items():
             if args.variants and variant not in args.variants.split(","):
                 continue
             for beta in map(float, args.betas.split(",")):
                 for seed in map(int, args.seeds.split(",")):
                     workdir = os.path.join(base, f"{variant}-beta{beta}-seed{seed}")
-                    train = {k: v for k, v in spec.items() if k in ("method", "loss", "reference")}
-                    convex = {k: v for k, v in spec.items() if k in ("signal", "normalize_length")}
-                    overrides = COMMON + data + [f"--config.train.{k}={v}" for k, v in train.items()] + \
-                        [f"--config.convex.{k}={v}" for k, v in convex.items()] + [
-                        f"--config.train.beta={beta}", f"--config.train.seed={seed}",
-                        f"--config.train.steps={args.steps}", "--config.train.learning_rate=0.0003",
-                        f"--config.train.init_from={sft}"]
+                    overrides = COMMON + data + spec + [
+                        f"loss.beta={beta}", f"train.seed={seed}", f"train.steps={args.steps}",
+                        "train.learning_rate=0.0003", f"train.init_from={sft}"]
                     report = launch(workdir, overrides)
-                    losses = [r["loss"] for r in read_metrics(workdir) if "loss" in r]
-                    before, after = report["eval_before"], report["eval_after"]
+                    metrics = read_metrics(workdir)
+                    losses = [r["loss"] for r in metrics if "loss" in r]
+                    evals = [r for r in metrics if "eval/loss" in r]
+                    before, after = evals[0], evals[-1]
                     row = {"dataset": dataset, "variant": variant, "beta": beta, "seed": seed,
                            "accuracy": after["eval/preference_accuracy"],
                            "accuracy_before": before["eval/preference_accuracy"],
                            "chosen_drift": after["eval/logps/chosen"] - before["eval/logps/chosen"],
-                           "roughness": roughness(losses), "s_per_step": report["train_seconds"] / args.steps,
+                           "roughness": roughness(losses),
+                           "s_per_step": statistics.median(r["time/step_s"] for r in metrics if "loss" in r),
                            "peak_rss_mib": report["peak_rss_mib"], "losses": losses}
                     rows.append(row)
                     print(f"{dataset} {variant} beta={beta} seed={seed}: acc {row['accuracy']:.3f} "
@@ -206,9 +193,6 @@ def plot(rows: list[dict], out: str) -> list[str]:
 
 
 def main():
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3:])
-        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="ablation")
     parser.add_argument("--datasets", default="tutor,shp")

@@ -36,10 +36,10 @@ def measure(name: str, args) -> dict:
     import jax
 
     from cvxdpo.config import default_config
-    from cvxdpo.train import anchor
-    from cvxdpo.train.trainer import Trainer
-
     from cvxdpo.data import tutor
+    from cvxdpo.train import anchor
+    from cvxdpo.train import step as step_lib
+    from cvxdpo.train.trainer import Trainer
 
     c = default_config()
     c.model.name, c.model.init = args.model, "scratch"
@@ -50,12 +50,12 @@ def measure(name: str, args) -> dict:
     c.data.update(source="jsonl", path=f.name, max_length=args.length, max_prompt_length=args.length // 2,
                   eval_fraction=0.02)
     c.train.update(batch_size=args.batch, steps=10**6, progress=False, learning_rate=1e-4, **METHODS[name])
-    c.convex.update(buffer=args.batch * 8, refresh_every=args.refresh_every)
+    c.anchor.update(buffer=args.batch * 8, refresh_every=args.refresh_every)
     with tempfile.TemporaryDirectory() as workdir:
         trainer = Trainer(c, workdir)
         state, times, tokens = trainer.state, [], 0
         for k in range(WARMUP + args.steps):
-            batch = trainer._place(next(trainer.train_iter))
+            batch = step_lib.place_batch(next(trainer.train_iter), trainer.mesh)
             t = time.perf_counter()
             state, metrics = trainer.train_step(state, batch)
             jax.block_until_ready(metrics)
@@ -63,12 +63,13 @@ def measure(name: str, args) -> dict:
                 times.append(time.perf_counter() - t)
                 tokens += int(batch["attention_mask"].sum())
         out = {"method": name, "median_step_s": statistics.median(times), "mean_step_s": statistics.fmean(times),
-               "tokens_per_s": tokens / sum(times), "params": trainer.model_cfg.num_params(),
+               "tokens_per_s": tokens / sum(times), "params": trainer.policy().cfg.num_params(),
                "state_leaves": len(jax.tree.leaves(state)),
                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-        if trainer.convex:
-            refit = jax.jit(lambda s: anchor.refit(s, trainer.anchor_cfg))
-            full = state.extra.replace(pairs_seen=state.extra.pairs_seen * 0 + trainer.anchor_cfg.buffer)
+        anchor_cfg = getattr(trainer.objective, "anchor_cfg", None)
+        if anchor_cfg is not None:  # DPO-Convex: its refit, timed alone on a full buffer
+            refit = jax.jit(lambda s: anchor.refit(s, anchor_cfg))
+            full = state.extra.replace(pairs_seen=state.extra.pairs_seen * 0 + anchor_cfg.buffer)
             jax.block_until_ready(refit(full))
             refit_times = []
             for _ in range(5):

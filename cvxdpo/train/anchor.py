@@ -31,24 +31,26 @@ class AnchorConfig:
     buffer: int = 256  # pairs kept for the refit
     refresh_every: int = 10  # steps between refits
     num_gates: int = 16
-    reg: float = 0.01  # group-lasso strength per buffer row: beta = reg * 2 * buffer
+    reg: float = 0.01  # group-lasso strength per buffer row (see `penalty`)
     loss: str = "logistic"
     admm_iters: int = 100  # ADMM iterations per refit (warm-started)
-    seed: int = 0
 
     def __post_init__(self):
         for name in ("dim", "buffer", "refresh_every", "num_gates", "admm_iters"):
             if getattr(self, name) <= 0:
-                raise ConfigError(f"convex.{name} must be positive, got {getattr(self, name)}")
+                raise ConfigError(f"anchor.{name} must be positive, got {getattr(self, name)}")
         if self.reg <= 0:
-            raise ConfigError(f"convex.reg must be positive, got {self.reg}")
+            raise ConfigError(f"anchor.reg must be positive, got {self.reg}")
+        if self.loss not in gr.LOSSES:
+            raise ConfigError(f"anchor.loss={self.loss!r} is not one of {', '.join(gr.LOSSES)}")
 
     @property
-    def beta(self) -> float:
+    def penalty(self) -> float:
+        """The group-lasso weight on the summed loss of the 2 * buffer rows (the solver's `beta`, not DPO's)."""
         return self.reg * 2 * self.buffer
 
     def admm_config(self) -> admm.ADMMConfig:
-        return admm.ADMMConfig(loss=self.loss, variant="gated", beta=self.beta, max_iter=self.admm_iters,
+        return admm.ADMMConfig(loss=self.loss, variant="gated", beta=self.penalty, max_iter=self.admm_iters,
                                gap_tol=1e-6)
 
 
@@ -68,15 +70,16 @@ class AnchorState:
 FIT_KEYS = ("objective", "accuracy", "primal_residual", "dual_residual", "duality_gap", "iterations")
 
 
-def init(cfg: AnchorConfig, n_embd: int) -> AnchorState:
-    key = jax.random.key(cfg.seed)
+def init(cfg: AnchorConfig, n_embd: int, seed: int) -> AnchorState:
+    """A fresh anchor: the projection from `seed`, the gates from `seed + 1`, an empty buffer."""
+    key = jax.random.key(seed)
     f32 = jnp.float32
     projection = jax.random.normal(key, (n_embd, cfg.dim), f32) / jnp.sqrt(n_embd)
     rows = 2 * cfg.buffer
     return AnchorState(
         projection=projection, mean=jnp.zeros((cfg.dim,), f32), m2=jnp.zeros((cfg.dim,), f32),
         count=jnp.zeros((), f32), buffer=jnp.zeros((rows, cfg.dim), f32), pairs_seen=jnp.zeros((), jnp.int32),
-        gates=gr.sample_gates(cfg.seed + 1, cfg.dim, cfg.num_gates, f32),
+        gates=gr.sample_gates(seed + 1, cfg.dim, cfg.num_gates, f32),
         admm=_without_slack(admm.init_state(rows, cfg.dim, cfg.num_gates, "gated", cfg.admm_config().rho, f32)),
         fit={k: jnp.zeros((), f32) for k in FIT_KEYS})
 
@@ -91,16 +94,16 @@ def labels(cfg: AnchorConfig) -> jax.Array:
     return jnp.tile(jnp.array([1.0, -1.0], jnp.float32), cfg.buffer)
 
 
-def pool(hidden: jax.Array, loss_mask: jax.Array, projection: jax.Array) -> jax.Array:
-    """Projected mean of the final hidden states over each response's tokens: (B, 2, dim), no gradient.
+def pool(hidden_2BxLxE: jax.Array, loss_mask_Bx2xL: jax.Array, projection_ExK: jax.Array) -> jax.Array:
+    """Projected mean of the final hidden states over each response's tokens: (B, 2, K), no gradient.
 
-    hidden: (2B, L, E) in pair order; loss_mask: (B, 2, L).
+    The hidden rows are in pair order [c_0, r_0, c_1, r_1, ...], as the pair forward pass returns them.
     """
-    B, _, L = loss_mask.shape
-    mask = loss_mask.reshape(2 * B, L).astype(jnp.float32)
-    pooled = (jax.lax.stop_gradient(hidden).astype(jnp.float32) * mask[..., None]).sum(1)
-    pooled = pooled / jnp.maximum(mask.sum(1, keepdims=True), 1.0)
-    return (pooled @ projection).reshape(B, 2, -1)
+    B, _, L = loss_mask_Bx2xL.shape
+    mask_2BxL = loss_mask_Bx2xL.reshape(2 * B, L).astype(jnp.float32)
+    pooled_2BxE = (jax.lax.stop_gradient(hidden_2BxLxE).astype(jnp.float32) * mask_2BxL[..., None]).sum(1)
+    pooled_2BxE = pooled_2BxE / jnp.maximum(mask_2BxL.sum(1, keepdims=True), 1.0)
+    return (pooled_2BxE @ projection_ExK).reshape(B, 2, -1)
 
 
 def standardize(state: AnchorState, features: jax.Array) -> jax.Array:
@@ -108,14 +111,15 @@ def standardize(state: AnchorState, features: jax.Array) -> jax.Array:
     return (features - state.mean) / jnp.sqrt(var + 1e-6)
 
 
-def margin(state: AnchorState, features: jax.Array) -> jax.Array:
-    """m = f(phi(y_w)) - f(phi(y_l)) of the current classifier on raw projected features (B, 2, dim)."""
-    z = standardize(state, features)
-    B = z.shape[0]
-    flat = z.reshape(2 * B, -1)
-    f = gr.forward(flat, gr.masks(flat, state.gates), jnp.ones(state.gates.shape[1], flat.dtype), state.admm.v)
-    f = f.reshape(B, 2)
-    return jax.lax.stop_gradient(f[:, 0] - f[:, 1])
+def margin(state: AnchorState, features_Bx2xK: jax.Array) -> jax.Array:
+    """m = f(phi(y_w)) - f(phi(y_l)) of the current classifier on raw projected features: (B,)."""
+    z_Bx2xK = standardize(state, features_Bx2xK)
+    B = z_Bx2xK.shape[0]
+    z_2BxK = z_Bx2xK.reshape(2 * B, -1)
+    f_2B = gr.forward(z_2BxK, gr.masks(z_2BxK, state.gates), jnp.ones(state.gates.shape[1], z_2BxK.dtype),
+                      state.admm.v)
+    f_Bx2 = f_2B.reshape(B, 2)
+    return jax.lax.stop_gradient(f_Bx2[:, 0] - f_Bx2[:, 1])
 
 
 def _update_stats(state: AnchorState, features: jax.Array) -> AnchorState:

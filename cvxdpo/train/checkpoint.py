@@ -2,14 +2,12 @@
 
 Orbax writes each step into a temporary directory and renames it only when
 the write is complete (`commit_success`), so a process killed mid-write leaves
-nothing that `latest_step` would pick. A fault can be injected for tests with
-CVXDPO_FAULT=kill_after_save:STEP (SIGKILL right after that step's save starts).
+nothing that `latest_step` would pick.
 """
 
 from __future__ import annotations
 
 import os
-import signal
 
 import grain
 import jax
@@ -36,9 +34,6 @@ class Checkpointer:
     def save(self, step: int, state, data_iter) -> None:
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         data=grain.checkpoint.CheckpointSave(data_iter)))
-        fault = os.environ.get("CVXDPO_FAULT", "")
-        if fault == f"kill_after_save:{step}":
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def restore(self, step: int, template_state, data_iter):
         try:

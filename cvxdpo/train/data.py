@@ -63,24 +63,36 @@ def load_sources(c, tokenizer: Tokenizer | None, cache_dir: str):
                                lambda p: jsonl.jsonl_source(p, strict, cache_dir))
 
 
-def build_tokenizer(c, workdir: str) -> Tokenizer:
-    """The configured tokenizer. "train" fits a byte-level BPE on the training texts once per workdir
-    (or reuses the one exported by the `init_from` run, so SFT and DPO share a vocabulary)."""
-    spec = c.tokenizer.spec
-    if spec != "train":
-        return load_tokenizer(spec)
+def _saved_tokenizer(c, workdir: str) -> Tokenizer | None:
+    """A BPE trained earlier: the one exported by the `init_from` run (so SFT and DPO share a vocabulary),
+    or this workdir's own from a previous start."""
     for directory in (os.path.join(c.train.init_from, "hf") if c.train.init_from else None,
                       os.path.join(workdir, "tokenizer")):
         if directory and os.path.exists(os.path.join(directory, "tokenizer.json")):
             return load_tokenizer(directory)
+    return None
+
+
+def load_data(c, workdir: str) -> tuple[Tokenizer, object, object]:
+    """(tokenizer, train source, held-out source), each source loaded once.
+
+    `tokenizer.spec="train"` fits a byte-level BPE on the training texts, once
+    per workdir; downloads and decompressed copies go to `data.cache_dir`
+    (default <workdir>/cache).
+    """
+    cache_dir = c.data.cache_dir or os.path.join(workdir, "cache")
+    tokenizer = load_tokenizer(c.tokenizer.spec) if c.tokenizer.spec != "train" else _saved_tokenizer(c, workdir)
+    if tokenizer is not None:
+        return (tokenizer, *load_sources(c, tokenizer, cache_dir))
     if c.data.source == "imdb":
-        raise ConfigError("tokenizer.spec='train' is not supported for IMDb; use 'gpt2'")
-    train, _ = load_sources(c, None, os.path.join(workdir, "cache"))
+        raise ConfigError("tokenizer.spec='train' is not supported for IMDb (its prompts are token prefixes); "
+                          "use 'gpt2'")
+    train, held_out = load_sources(c, None, cache_dir)
     texts = (t for p in itertools.islice(iter(train), BPE_TRAINING_TEXTS)
              for t in (p.prompt, p.chosen, p.rejected or "") if t)
-    tok = train_bpe(texts, c.tokenizer.vocab_size, os.path.join(workdir, "tokenizer"))
-    logging.info("trained a byte-level BPE of %d tokens on the training texts", tok.vocab_size)
-    return tok
+    tokenizer = train_bpe(texts, c.tokenizer.vocab_size, os.path.join(workdir, "tokenizer"))
+    logging.info("trained a byte-level BPE of %d tokens on the training texts", tokenizer.vocab_size)
+    return tokenizer, train, held_out
 
 
 def init_from_dir(path: str) -> str:

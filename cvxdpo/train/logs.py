@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -59,20 +60,26 @@ def read_metrics(workdir: str) -> list[dict]:
 
 
 class Progress:
-    """A tqdm bar showing step, loss and tokens/s; silent off process 0 or when disabled."""
+    """A tqdm bar that moves every step: step, ETA, loss and tokens/s; silent off process 0 or when disabled."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         self.bar = None
+        self.tokens, self.start = 0, time.perf_counter()
         if enabled and jax.process_index() == 0:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
-    def update(self, n: int, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=False)
+    def update(self, tokens: int, metrics: dict | None) -> None:
+        """One step done; `metrics` (a finished step's, or None) give the loss shown."""
+        if self.bar is None:
+            return
+        self.tokens += tokens
+        postfix = {"tok/s": f"{self.tokens / max(time.perf_counter() - self.start, 1e-9):.4g}"}
+        if metrics is not None:
+            postfix["loss"] = f"{float(metrics['loss']):.4g}"
+        self.bar.set_postfix(postfix, refresh=False)
+        self.bar.update(1)
 
     def close(self):
         if self.bar is not None:

@@ -1,12 +1,17 @@
-"""What a step optimizes, per method, written as per-example terms.
+"""What a step optimizes, per method: the forward passes and the per-example terms of each objective.
 
-An objective gives, for a (micro-)batch, per-example numerators whose sum over
-the whole batch divided by `denominator(batch)` is the loss. An objective with
-method-specific state (DPO-Convex's anchor, in `TrainState.extra`) also has
-`update_extra`, run once per step after the gradient. Because the
-denominator comes from the whole batch, splitting the batch into micro-batches
-(gradient accumulation) or over devices gives exactly the same loss and
-gradient.
+`build(config)` is the one path from a config to an objective. An objective
+gives, for a (micro-)batch, per-example numerators whose sum over the whole
+batch divided by `denominator(batch)` is the loss. Because the denominator
+comes from the whole batch, splitting the batch into micro-batches (gradient
+accumulation) or over devices gives exactly the same loss and gradient. An
+objective with method-specific state (DPO-Convex's anchor, in
+`TrainState.extra`) creates it with `init_extra` and advances it with
+`update_extra`, once per step after the gradient.
+
+Shapes: a pair batch is (B, 2, L) (chosen and rejected of a pair adjacent), run
+as one (2B, L) forward pass whose rows stay in pair order, so that each
+device's shard keeps whole pairs; an SFT batch is (B, L).
 """
 
 from __future__ import annotations
@@ -18,15 +23,42 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvxdpo import losses
+from cvxdpo.model import gpt2
 from cvxdpo.train import anchor
 
 
-@dataclasses.dataclass(frozen=True)
-class SFTObjective:
-    graphdef: nnx.GraphDef
+def pair_forward(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Summed response log-probs (B, 2), response lengths (B, 2) and final hidden states (2B, L, E)."""
+    B, _, L = batch["input_ids"].shape
+    ids_2BxL = batch["input_ids"].reshape(2 * B, L)
+    out = nnx.merge(graphdef, params)(ids_2BxL, batch["attention_mask"].reshape(2 * B, L))
+    logps_2B, counts_2B = gpt2.sequence_logprobs(out.logits, ids_2BxL, batch["loss_mask"].reshape(2 * B, L))
+    return logps_2B.reshape(B, 2), counts_2B.reshape(B, 2), out.hidden
 
-    def terms(self, params, state, batch) -> dict:
-        return losses.sft_terms(nnx.merge(self.graphdef, params), batch)
+
+def sequence_forward(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """Summed response log-probs (B,) and response lengths (B,) of an SFT batch (B, L)."""
+    out = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])
+    return gpt2.sequence_logprobs(out.logits, batch["input_ids"], batch["loss_mask"])
+
+
+class Objective:
+    """Defaults shared by every objective: no reference copy, no method state."""
+
+    reference_dtype: str | None = None  # a frozen reference copy in the train state, in this dtype
+    precomputed_reference: bool = False  # batches carry `ref_logps` computed once before training
+
+    def init_extra(self, n_embd: int, seed: int):
+        return None
+
+    def update_extra(self, state, terms: dict, batch) -> tuple:
+        return state.extra, {}
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTObjective(Objective):
+    def terms(self, graphdef, params, state, batch) -> dict:
+        return losses.sft_terms(*sequence_forward(graphdef, params, batch))
 
     def denominator(self, batch) -> jax.Array:
         return jnp.maximum(batch["loss_mask"][:, 1:].sum(), 1).astype(jnp.float32)
@@ -40,25 +72,34 @@ class SFTObjective:
 
 
 @dataclasses.dataclass(frozen=True)
-class DPOObjective:
+class DPOObjective(Objective):
     """The DPO family. The reference is a frozen parameter copy, precomputed log-probs in the batch, or none."""
 
-    graphdef: nnx.GraphDef
-    cfg: losses.LossConfig
-    reference: str  # "frozen", "precomputed" or "none"
+    loss: losses.LossConfig
+    reference: str = "none"  # "frozen", "precomputed" or "none"
+    frozen_dtype: str = "float32"
 
-    def _reference_logps(self, ref_params, batch):
+    @property
+    def reference_dtype(self) -> str | None:
+        return self.frozen_dtype if self.reference == "frozen" else None
+
+    @property
+    def precomputed_reference(self) -> bool:
+        return self.reference == "precomputed"
+
+    def _reference_logps(self, graphdef, state, batch):
         if self.reference == "precomputed":
             return batch["ref_logps"]
         if self.reference == "frozen":
-            ref, _, _ = losses.pair_logprobs(nnx.merge(self.graphdef, ref_params), batch)
-            return jax.lax.stop_gradient(ref)
+            ref_Bx2, _, _ = pair_forward(graphdef, state.ref_params, batch)
+            return jax.lax.stop_gradient(ref_Bx2)
         return None
 
-    def terms(self, params, state, batch) -> dict:
-        policy, counts, _ = losses.pair_logprobs(nnx.merge(self.graphdef, params), batch)
-        terms = losses.preference_terms(policy, self._reference_logps(state.ref_params, batch), counts, self.cfg)
-        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts.sum(-1)}
+    def terms(self, graphdef, params, state, batch) -> dict:
+        logps_Bx2, counts_Bx2, _ = pair_forward(graphdef, params, batch)
+        terms = losses.preference_terms(logps_Bx2, self._reference_logps(graphdef, state, batch), counts_Bx2,
+                                        self.loss)
+        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts_Bx2.sum(-1)}
 
     def denominator(self, batch) -> jax.Array:
         return jnp.maximum(batch["weight"].sum(), 1.0)
@@ -79,16 +120,32 @@ class DPOConvexObjective(DPOObjective):
     signal: losses.SignalConfig = losses.SignalConfig()
     anchor_cfg: anchor.AnchorConfig = anchor.AnchorConfig()
 
-    def terms(self, params, state, batch) -> dict:
-        policy, counts, hidden = losses.pair_logprobs(nnx.merge(self.graphdef, params), batch)
-        features = anchor.pool(hidden, batch["loss_mask"], state.extra.projection)
-        margin = anchor.margin(state.extra, features)
-        terms = losses.convex_signal_terms(policy, counts, margin, self.signal)
-        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts.sum(-1), "features": features,
-                "margin": margin}
+    def init_extra(self, n_embd: int, seed: int) -> anchor.AnchorState:
+        return anchor.init(self.anchor_cfg, n_embd, seed)
+
+    def terms(self, graphdef, params, state, batch) -> dict:
+        logps_Bx2, counts_Bx2, hidden_2BxLxE = pair_forward(graphdef, params, batch)
+        features_Bx2xK = anchor.pool(hidden_2BxLxE, batch["loss_mask"], state.extra.projection)
+        margin_B = anchor.margin(state.extra, features_Bx2xK)
+        terms = losses.convex_signal_terms(logps_Bx2, counts_Bx2, margin_B, self.loss.beta, self.signal)
+        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts_Bx2.sum(-1),
+                "features": features_Bx2xK, "margin": margin_B}
 
     def update_extra(self, state, terms: dict, batch) -> tuple:
         new = anchor.update(state.extra, terms["features"], state.step, self.anchor_cfg)
         metrics = {f"convex/{k}": v for k, v in new.fit.items()}
         metrics["convex/margin"] = (terms["margin"] * batch["weight"]).sum() / jnp.maximum(batch["weight"].sum(), 1.0)
         return new, metrics
+
+
+def build(c) -> Objective:
+    """The objective of a config tree: `train.method` with the `loss`, `signal` and `anchor` sections."""
+    method = c.train.method
+    if method == "sft":
+        return SFTObjective()
+    loss = losses.LossConfig(**c.loss.to_dict())
+    if method == "dpo_convex":
+        return DPOConvexObjective(loss, signal=losses.SignalConfig(**c.signal.to_dict()),
+                                  anchor_cfg=anchor.AnchorConfig(**c.anchor.to_dict()))
+    reference = c.train.reference if loss.needs_reference else "none"
+    return DPOObjective(loss, reference, c.train.reference_dtype)

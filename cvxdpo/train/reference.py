@@ -17,12 +17,12 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 from absl import logging
-from flax import nnx
 from jax.experimental import multihost_utils
 
-from cvxdpo import losses
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.data import pipeline
+from cvxdpo.train import step as step_lib
+from cvxdpo.train.objectives import pair_forward
 
 
 def fingerprint(params) -> str:
@@ -56,16 +56,15 @@ def reference_logps(graphdef, params, source, tokenizer, tok_cfg, batch_size: in
 
     @jax.jit
     def forward(p, batch):
-        logps, _, _ = losses.pair_logprobs(nnx.merge(graphdef, p), batch)
-        return logps
+        logps_Bx2, _, _ = pair_forward(graphdef, p, batch)
+        return logps_Bx2
 
     shards = jax.process_count()
     dataset = pipeline.make_dataset(source, tokenizer, tok_cfg, batch_size, shuffle=False, num_epochs=1)
     table = np.zeros((len(source), 2), np.float32)
     for batch in pipeline.padded_pass(dataset, pipeline.batches_per_pass(len(source), batch_size, shards)):
         with mesh_lib.use_mesh(mesh):
-            logps = forward(params, mesh_lib.place_batch({k: batch[k] for k in ("input_ids", "attention_mask",
-                                                                                "loss_mask")}, mesh))
+            logps = forward(params, step_lib.place_batch(batch, mesh))
         logps = np.asarray(multihost_utils.process_allgather(logps, tiled=True))
         index = np.asarray(multihost_utils.process_allgather(batch["index"], tiled=True))
         weight = np.asarray(multihost_utils.process_allgather(batch["weight"], tiled=True))

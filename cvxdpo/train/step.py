@@ -16,6 +16,14 @@ import optax
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.train.state import TrainState
 
+BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "weight", "ref_logps")  # what a step reads
+
+
+def place_batch(batch: dict, mesh) -> dict:
+    """This process's rows of a pipeline batch as global arrays sharded over (data, fsdp); bookkeeping keys
+    (such as `index`) stay on the host."""
+    return mesh_lib.place_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, mesh)
+
 
 def _split(batch: dict, micro: int) -> dict:
     """(B, ...) -> (micro, B / micro, ...), micro-batch m holding rows m, m + micro, ..."""
@@ -45,15 +53,15 @@ def jit_step(fn, mesh: jax.sharding.Mesh, shardings: TrainState):
                                out_shardings=(shardings, mesh_lib.replicated(mesh)), donate_argnums=0), mesh)
 
 
-def make_train_step(objective, tx: optax.GradientTransformation, mesh, shardings: TrainState, micro_batches: int = 1,
-                    schedule=None):
-    """One optimizer step of `objective` (see cvxdpo.train.objectives)."""
+def make_train_step(objective, graphdef, tx: optax.GradientTransformation, mesh, shardings: TrainState,
+                    micro_batches: int = 1, schedule=None):
+    """One optimizer step of `objective` (see cvxdpo.train.objectives) on the model `graphdef`."""
 
     def step(state: TrainState, batch: dict):
         denominator = objective.denominator(batch)
 
         def micro_loss(params, mb):
-            terms = objective.terms(params, state, mb)
+            terms = objective.terms(graphdef, params, state, mb)
             return terms["loss"].sum() / denominator, terms
 
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -72,20 +80,18 @@ def make_train_step(objective, tx: optax.GradientTransformation, mesh, shardings
         metrics = {**objective.metrics(terms, batch), "loss": loss, "grad_norm": optax.tree.norm(grads)}
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
-        extra = state.extra
-        if hasattr(objective, "update_extra"):
-            extra, extra_metrics = objective.update_extra(state, terms, batch)
-            metrics.update(extra_metrics)
+        extra, extra_metrics = objective.update_extra(state, terms, batch)
+        metrics.update(extra_metrics)
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, extra=extra), metrics
 
     return jit_step(step, mesh, shardings)
 
 
-def make_eval_step(objective, mesh, shardings: TrainState):
+def make_eval_step(objective, graphdef, mesh, shardings: TrainState):
     """Sums of the objective's eval metrics over one batch (no update, nothing donated)."""
 
     def step(state: TrainState, batch: dict):
-        terms = objective.terms(state.params, state, batch)
+        terms = objective.terms(graphdef, state.params, state, batch)
         return objective.eval_metrics(terms, batch)
 
     return _under_mesh(jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
