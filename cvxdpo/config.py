@@ -74,7 +74,6 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.seed = 0
     c.train.log_every = 10
     c.train.eval_every = 200
-    c.train.eval_batches = 0  # 0 = the whole held-out set
     c.train.checkpoint_every = 200
     c.train.keep_checkpoints = 2
     c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
@@ -87,7 +86,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss.beta = 0.1
     c.loss.label_smoothing = 0.0
     c.loss.simpo_gamma = 0.5  # SimPO's target margin (in units of beta * length-normalized log-prob)
-    c.loss.ipo_normalize_length = True
+    c.loss.ipo_normalize_length = False  # True: IPO on length-normalized log-probs (official: summed)
 
     # DPO-Convex (train.method = "dpo_convex"): how the anchor's margin enters the loss ...
     c.signal = ml_collections.ConfigDict()

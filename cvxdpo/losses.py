@@ -12,13 +12,16 @@ SFT: the summed response NLL. DPO family (`LossConfig`, the `loss` config
 section), on h = [log pi(y_w) - log pi(y_l)] - [log ref(y_w) - log ref(y_l)]:
 
   sigmoid          -(1 - eps) log sigmoid(beta h) - eps log sigmoid(-beta h)   (eps = label smoothing)
-  ipo              (h - 1 / (2 beta))^2, on length-normalized log-probs when `ipo_normalize_length`
+  ipo              (h - 1 / (2 beta))^2, on summed log-probs as the official code (`loss_type="ipo"`);
+                   on length-normalized log-probs when `ipo_normalize_length`
   hinge            max(0, 1 - beta h)
   reference_free   sigmoid loss with the reference terms set to 0
   simpo            -log sigmoid(beta * D_norm - gamma), D_norm the length-normalized policy margin
 
 Rewards are reported as in the official DPO code: beta * (log pi - log ref),
-with log ref = 0 for the reference-free losses (and length-normalized for SimPO).
+on the log-probs the loss scores: log ref = 0 for the reference-free losses,
+and both length-normalized for SimPO and for IPO with `ipo_normalize_length`.
+So `rewards/margins` is always beta * h of the loss.
 
 DPO-Convex (`SignalConfig`, the `signal` config section) replaces the reference
 log-ratio by the margin m = f(phi(y_w)) - f(phi(y_l)) of a convex two-layer
@@ -53,7 +56,7 @@ class LossConfig:
     beta: float = 0.1
     label_smoothing: float = 0.0
     simpo_gamma: float = 0.5  # SimPO's target margin, in units of beta * length-normalized log-prob
-    ipo_normalize_length: bool = True
+    ipo_normalize_length: bool = False  # the official IPO scores summed log-probs
 
     def __post_init__(self):
         if self.name not in LOSSES:
@@ -116,7 +119,7 @@ def preference_terms(logps_Bx2: jax.Array, ref_logps_Bx2: jax.Array | None, coun
     else:  # sigmoid and reference_free
         eps = cfg.label_smoothing
         losses_B = -(1.0 - eps) * jax.nn.log_sigmoid(beta * h_B) - eps * jax.nn.log_sigmoid(-beta * h_B)
-    return _pair_terms(losses_B, beta * (logps_Bx2 - ref_Bx2), logps_Bx2)
+    return _pair_terms(losses_B, beta * (scored_Bx2 - ref_scored_Bx2), logps_Bx2)
 
 
 def convex_signal_terms(logps_Bx2: jax.Array, counts_Bx2: jax.Array, margin_B: jax.Array, beta: float,

@@ -68,6 +68,31 @@ def test_bundled_tutor_set():
     assert len(tutor.load_tutor_pairs().pairs) == 4000
 
 
+def test_tutor_held_out_shares_no_text_with_training():
+    """The default run's split (slide=True, eval_fraction=0.05): held-out conversations give no training pair,
+    and no held-out chosen or rejected text is a training pair's text (a plain split by conversation leaked
+    83% of held-out pairs through the conversations' shared template lines)."""
+    from cvxdpo.config import default_config
+    from cvxdpo.train.data import load_sources
+
+    c = default_config()
+    train, held_out = load_sources(c, None, "")
+    seen = {t for p in train for t in (p.prompt, p.chosen, p.rejected)}
+    assert not [p for p in held_out if p.chosen in seen or p.rejected in seen]
+    assert not {p.meta["sample_id"] for p in train} & {p.meta["sample_id"] for p in held_out}
+    assert (len(train), len(held_out)) == (24922, 244)
+    again = tutor.load_tutor_split(None, c.data.eval_fraction, slide=True)
+    assert again.held_out == held_out and again.leaked == 1178
+
+
+def test_tutor_split_without_sample_ids_is_by_conversation(tmp_path):
+    """Chat-layout files have no sample_id: conversations are told apart by their position in the file."""
+    rows = [{"messages": [{"role": s, "content": f"{t} ({k})"} for s, t in CONVERSATION["utterances"]]}
+            for k in range(40)]
+    split = tutor.load_tutor_split(write_jsonl(str(tmp_path / "chat.jsonl"), rows), 0.25)
+    assert split.held_out_conversations == len(split.held_out) > 0 and len(split.train) > 0
+
+
 # --- SHP -----------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -38,14 +38,29 @@ def test_sigmoid_and_label_smoothing():
     np.testing.assert_allclose(t["rewards_rejected"], beta * (POLICY[:, 1] - REF[:, 1]))
 
 
-def test_ipo_with_and_without_length_normalization():
+# IPO's h on summed log-probs (the default, as the official IPO) and per token:
+# (-10/4 + 12/5) - (-11/4 + 11.5/5) = 0.35 and (-8/2 + 7/3) - (-7.5/2 + 7.5/3) = -5/12.
+IPO_H = {False: np.array([1.5, -1.0]), True: np.array([0.35, -5 / 12])}
+
+
+def test_ipo_summed_by_default_and_length_normalized_as_an_option():
+    beta = 0.25  # 1 / (2 beta) = 2
+    assert not losses.LossConfig(name="ipo").ipo_normalize_length
+    np.testing.assert_allclose(_terms("ipo", beta=beta)["loss"], [0.25, 9.0], rtol=1e-6)  # (1.5 - 2)^2, (-1 - 2)^2
+    np.testing.assert_allclose(_terms("ipo", beta=beta, ipo_normalize_length=True)["loss"],
+                               [(0.35 - 2) ** 2, (29 / 12) ** 2], rtol=1e-6)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ipo_reward_margin_is_beta_h_of_its_loss(normalize):
     beta = 0.25
-    h_sum = (POLICY[:, 0] - POLICY[:, 1]) - (REF[:, 0] - REF[:, 1])
-    np.testing.assert_allclose(_terms("ipo", beta=beta, ipo_normalize_length=False)["loss"],
-                               (h_sum - 1 / (2 * beta)) ** 2, rtol=1e-6)
-    norm_p, norm_r = POLICY / COUNTS, REF / COUNTS
-    h_norm = (norm_p[:, 0] - norm_p[:, 1]) - (norm_r[:, 0] - norm_r[:, 1])
-    np.testing.assert_allclose(_terms("ipo", beta=beta)["loss"], (h_norm - 2.0) ** 2, rtol=1e-6)
+    t = _terms("ipo", beta=beta, ipo_normalize_length=normalize)
+    np.testing.assert_allclose(t["rewards_chosen"] - t["rewards_rejected"], beta * IPO_H[normalize], rtol=1e-6)
+    np.testing.assert_allclose(t["loss"], (IPO_H[normalize] - 1 / (2 * beta)) ** 2, rtol=1e-6)
+    scale = COUNTS[:, 0] if normalize else 1.0
+    np.testing.assert_allclose(t["rewards_chosen"], beta * (POLICY[:, 0] - REF[:, 0]) / scale, rtol=1e-6)
+    m = losses.preference_metrics({k: jnp.asarray(v) for k, v in t.items()}, jnp.ones(2))
+    assert float(m["rewards/margins"]) == pytest.approx(beta * IPO_H[normalize].mean())
 
 
 def test_hinge_reference_free_and_simpo():

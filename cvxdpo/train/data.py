@@ -26,22 +26,32 @@ def _need_path(c) -> str:
     return c.data.path
 
 
-def _split_or_eval_file(c, source, load_file, key=str):
+def _split_or_eval_file(c, source, load_file):
     """(train, held-out): the eval file when given, else a hash split of the training source."""
     if c.data.eval_path:
         return source, load_file(c.data.eval_path)
-    return split_by_hash(source, c.data.eval_fraction, key)
+    return split_by_hash(source, c.data.eval_fraction)
+
+
+def _tutor_sources(c):
+    """(train, held-out) tutor pairs: the eval file's pairs when given, else the pairs of held-out conversations
+    that share no chosen or rejected text with training (`tutor.load_tutor_split` gives the sizes)."""
+    d = c.data
+    options = dict(slide=d.slide, with_history=d.with_history, strict=d.strict)
+    if d.eval_path:
+        train = tutor.load_tutor_pairs(d.path or None, **options)
+        logging.info("tutor: %s", train.summary())
+        return train.pairs, tutor.load_tutor_pairs(d.eval_path, **options).pairs
+    split = tutor.load_tutor_split(d.path or None, d.eval_fraction, **options)
+    logging.info("tutor: %s", split.summary())
+    return split.train, split.held_out
 
 
 def load_sources(c, tokenizer: Tokenizer | None, cache_dir: str):
     """(train source, held-out source) of Pair records. IMDb pairs need the tokenizer (prefix prompts)."""
     d, strict = c.data, c.data.strict
     if d.source == "tutor":
-        pairs = tutor.load_tutor_pairs(d.path or None, slide=d.slide, with_history=d.with_history, strict=strict)
-        logging.info("tutor: %d conversations -> %d pairs (%d dropped: chosen == rejected); %s",
-                     pairs.conversations, len(pairs.pairs), pairs.dropped_equal, pairs.bad.summary())
-        load = lambda p: tutor.load_tutor_pairs(p, slide=d.slide, with_history=d.with_history, strict=strict).pairs  # noqa: E731
-        return _split_or_eval_file(c, pairs.pairs, load, key=lambda i: str(pairs.pairs[i].meta.get("sample_id")))
+        return _tutor_sources(c)
     if d.source == "shp":
         root = shp.download(cache_dir, d.split, d.domains) if d.path == "hub" else _need_path(c)
         eval_root = shp.download(cache_dir, d.eval_split, d.domains) if d.path == "hub" else root
