@@ -21,7 +21,7 @@ def get_config():
     c.data.buckets = (64,)
     c.data.eval_fraction = 0.05
     c.train.update(optimizer="adamw", batch_size=32, warmup_steps=20, log_every=25, eval_every=10_000,
-                   checkpoint_every=100, eval_batches=8)
+                   checkpoint_every=100)
     c.stages = "sft,dpo_convex"
     # Per-stage overrides, by section (e.g. --config.dpo_convex.loss.beta=0.5 on the command line; a shared
     # field such as --config.loss.beta=0.5 reaches every stage).

@@ -1,5 +1,6 @@
 """What every entry point shares: --mesh, the multi-host flags, and one-line errors for user mistakes."""
 
+import os
 import sys
 
 import jax
@@ -18,6 +19,30 @@ PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [
 MULTIHOST = flags.DEFINE_bool(
     "multihost", False, "Join a multi-process run described by the cluster environment that JAX reads "
     "(SLURM, Open MPI, Kubernetes, TPU pods) instead of the three flags above.")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
+
+
+def model_directory(spec: str) -> str:
+    """A run's workdir stands for its exported model (<workdir>/hf); anything else is returned as given."""
+    exported = os.path.join(spec, "hf")
+    return exported if os.path.isdir(exported) else spec
+
+
+def model_tokenizer(model_spec: str, tokenizer_spec: str | None = None):
+    """`tokenizer_spec` when given, else the model directory's own tokenizer, else GPT-2's (with a warning
+    when a directory holds none: its samples would be garbage under another vocabulary)."""
+    from cvxdpo.data.tokenizer import load_tokenizer
+
+    if tokenizer_spec:
+        return load_tokenizer(tokenizer_spec)
+    if os.path.isdir(model_spec):
+        if any(os.path.exists(os.path.join(model_spec, f)) for f in TOKENIZER_FILES):
+            return load_tokenizer(model_spec)
+        logging.warning("%s holds no tokenizer; using GPT-2's (pass --tokenizer if the model used another)",
+                        model_spec)
+    return load_tokenizer("gpt2")
 
 
 def run(main):

@@ -6,12 +6,9 @@ The tokenizer is the model directory's own (what the run trained with) unless
 `--tokenizer` names another; a preset gets random weights and GPT-2's tokenizer.
 """
 
-import os
-
-from absl import flags, logging
+from absl import flags
 
 from cvxdpo import mesh as mesh_lib
-from cvxdpo.data.tokenizer import load_tokenizer
 from cvxdpo.model import generate, gpt2, hub
 from launch import common
 
@@ -26,25 +23,6 @@ TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling and init seed.")
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json")
-
-
-def model_directory(spec: str) -> str:
-    """A run's workdir stands for its exported model (<workdir>/hf); anything else is returned as given."""
-    exported = os.path.join(spec, "hf")
-    return exported if os.path.isdir(exported) else spec
-
-
-def pick_tokenizer(model_spec: str, tokenizer_spec: str | None):
-    if tokenizer_spec:
-        return load_tokenizer(tokenizer_spec)
-    if os.path.isdir(model_spec):
-        if any(os.path.exists(os.path.join(model_spec, f)) for f in TOKENIZER_FILES):
-            return load_tokenizer(model_spec)
-        logging.warning("%s holds no tokenizer; using GPT-2's (pass --tokenizer if the model used another)",
-                        model_spec)
-    return load_tokenizer("gpt2")
-
 
 def load_model(spec: str, mesh, vocab_size: int):
     """A preset gets fresh weights sized to the tokenizer; anything else is loaded as pretrained."""
@@ -56,8 +34,8 @@ def load_model(spec: str, mesh, vocab_size: int):
 def main(argv):
     del argv
     mesh = mesh_lib.make_mesh(common.MESH.value)
-    spec = model_directory(MODEL.value)
-    tokenizer = pick_tokenizer(spec, TOKENIZER.value)
+    spec = common.model_directory(MODEL.value)
+    tokenizer = common.model_tokenizer(spec, TOKENIZER.value)
     model = load_model(spec, mesh, tokenizer.vocab_size)
     replies = generate.generate_text(model, tokenizer, PROMPTS.value, MAX_NEW.value, temperature=TEMPERATURE.value,
                                      top_k=TOP_K.value, top_p=TOP_P.value, seed=SEED.value)

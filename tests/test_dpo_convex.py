@@ -76,7 +76,7 @@ def test_learns_the_tutor_preference(tmp_path):
     c.data.update(source="tutor", path="", eval_fraction=0.05, max_length=64, max_prompt_length=32,
                   truncation="keep_start")
     c.tokenizer.vocab_size = 512
-    c.train.update(method="dpo_convex", steps=120, batch_size=16, eval_batches=8, checkpoint_every=1000)
+    c.train.update(method="dpo_convex", steps=120, batch_size=16, checkpoint_every=1000)
     c.anchor.update(buffer=64, refresh_every=5)
     report = Trainer(c, str(tmp_path / "tutor"), devices=jax.devices()[:1]).run()
     assert 0.3 <= report["eval_before"]["eval/preference_accuracy"] <= 0.7  # a fresh model: chance

@@ -8,12 +8,11 @@ import shlex
 import subprocess
 import sys
 
-from launch import sample as sample_cli
-from launch import stages
+from launch import common, stages
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = "<!-- first-hour: executed by tests/test_readme.py -->"
-FEWER_STEPS = ["--config.sft.train.steps=3", "--config.dpo_convex.train.steps=2", "--config.train.eval_batches=1",
+FEWER_STEPS = ["--config.sft.train.steps=3", "--config.dpo_convex.train.steps=2",
                "--config.train.progress=false"]
 
 
@@ -52,8 +51,8 @@ def test_first_hour_commands_work_as_written(tmp_path):
     quickstart, sample, _ = outputs
     assert "== report" in quickstart and "runs/quickstart/dpo_convex/hf" in quickstart  # where the model went
     assert sample.startswith("> Can you walk me through ethics?\n")
-    run_dir = sample_cli.model_directory(str(tmp_path / "runs/quickstart/dpo_convex"))
-    assert sample_cli.pick_tokenizer(run_dir, None).vocab_size <= 2048  # the run's own BPE, not GPT-2's 50257
+    run_dir = common.model_directory(str(tmp_path / "runs/quickstart/dpo_convex"))
+    assert common.model_tokenizer(run_dir).vocab_size <= 2048  # the run's own BPE, not GPT-2's 50257
     for workdir, beta in (("runs/quickstart", 0.1), ("runs/quickstart_beta", 0.5)):
         with open(tmp_path / workdir / "dpo_convex" / "config.json") as f:
             assert json.load(f)["loss"]["beta"] == beta

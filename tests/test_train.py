@@ -1,6 +1,7 @@
 """The trainer end to end on a tiny model: learning, exact resume (also after SIGKILL), the precomputed
 reference, mesh invariance and bad configs."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -10,8 +11,13 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
+from cvxdpo.data import pipeline, tutor
+from cvxdpo.data.tokenizer import load_tokenizer
 from cvxdpo.errors import ConfigError, MissingFileError, TrainingDiverged
+from cvxdpo.model import gpt2
+from cvxdpo.train import reference
 from cvxdpo.train.logs import TIMING_PREFIX, read_metrics
 from cvxdpo.train.trainer import Trainer
 from tiny_config import get_config, logged_losses, losses_on_one_device_and_2x2x2
@@ -35,7 +41,7 @@ def _untimed(rows):
 
 
 def test_dpo_learns_the_preference(tmp_path, pairs):
-    c = _config(pairs, steps=40, eval_batches=0)
+    c = _config(pairs, steps=40)
     report = Trainer(c, str(tmp_path / "dpo")).run()
     before, after = report["eval_before"], report["eval_after"]
     assert 0.25 <= before["eval/preference_accuracy"] <= 0.75  # a random model: near chance
@@ -134,6 +140,26 @@ def test_precomputed_reference_holds_one_copy_and_matches_frozen(tmp_path, pairs
     np.testing.assert_allclose(logged_losses(tmp_path / "precomputed"), logged_losses(tmp_path / "frozen"), rtol=1e-4)
     again = Trainer(_config(pairs, reference="precomputed"), str(tmp_path / "precomputed2"))  # cache reuse
     np.testing.assert_array_equal(again.ref_tables[0], precomputed.ref_tables[0])
+
+
+def test_reference_cache_key_sees_every_row_and_every_parameter(mesh1):
+    """One changed middle row, or one parameter element moved by one ulp, names a new table (a key of the
+    first and last rows and of per-leaf sums reused the stale one)."""
+    tok, tok_cfg = load_tokenizer("gpt2"), pipeline.TokenizeConfig(max_length=64, max_prompt_length=32)
+    rows = tutor.load_tutor_pairs().pairs[:9]
+    graphdef, params = nnx.split(gpt2.create(gpt2.preset("tiny"), mesh=mesh1), nnx.Param)
+
+    def key(source=rows, p=params):
+        return reference.cache_key(source, tok, tok_cfg, graphdef, p)
+
+    first = key()
+    assert key() == first  # the same inputs find their table again
+    middle = dataclasses.replace(rows[4], chosen=rows[4].chosen + " Indeed.")
+    assert key(rows[:4] + [middle] + rows[5:]) != first
+    leaves, treedef = jax.tree.flatten(params)
+    nudged = np.array(leaves[0])
+    nudged.flat[0] = np.nextafter(nudged.flat[0], np.inf, dtype=nudged.dtype)
+    assert key(p=jax.tree.unflatten(treedef, [nudged, *leaves[1:]])) != first
 
 
 def test_same_losses_on_one_device_and_a_2x2x2_mesh(tmp_path, pairs):

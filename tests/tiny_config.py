@@ -37,7 +37,7 @@ def get_config(pairs_path: str = ""):
     c.tokenizer.spec, c.tokenizer.vocab_size = "train", 320
     c.data.update(source="jsonl", path=pairs_path, eval_fraction=0.25, max_length=32, max_prompt_length=16)
     c.train.update(method="dpo", optimizer="adamw", learning_rate=3e-3, warmup_steps=2, batch_size=8, steps=12,
-                   log_every=1, eval_every=1000, checkpoint_every=4, eval_batches=2, progress=False)
+                   log_every=1, eval_every=1000, checkpoint_every=4, progress=False)
     c.loss.update(name="sigmoid", beta=0.1)
     return c
 

@@ -71,7 +71,7 @@ def dataset_overrides(name: str, out: str) -> list[str]:
 COMMON = ["model.name=tiny", "model.init=scratch", "tokenizer.spec=train", "tokenizer.vocab_size=1024",
           "data.max_length=96", "data.max_prompt_length=48", "data.eval_fraction=0.05", "train.optimizer=adamw",
           "train.batch_size=16", "train.warmup_steps=10", "train.log_every=1", "train.eval_every=100000",
-          "train.checkpoint_every=100000", "train.eval_batches=8", "train.progress=false", "anchor.buffer=128",
+          "train.checkpoint_every=100000", "train.progress=false", "anchor.buffer=128",
           "anchor.refresh_every=5"]
 
 

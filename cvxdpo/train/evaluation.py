@@ -1,41 +1,108 @@
-"""Held-out evaluation during training: one pass over the whole held-out source, sums reduced at the end.
+"""Held-out evaluation: one pass over a whole split, per-example numbers gathered, metrics on the host.
 
-The objective's `eval_metrics` gives per-batch sums (padding rows weigh 0), so
-the result does not depend on the batch size, the mesh or the process count.
-SFT reports the response NLL per token; the preference methods the training
-metrics' names averaged over pairs.
+`per_example` runs a jitted function over every example of a source exactly
+once, on any mesh and process layout, and returns its outputs as tables in the
+source's order. The held-out report (`pair_report`) turns per-pair log-probs
+into the metrics of `cvxdpo.eval.metrics` (accuracies with bootstrap
+intervals over prompts, margins, lengths, SHP's score-ratio bins). Training
+logs the same report as its `eval/...` rows, and `launch.evaluate` writes it
+for any saved model.
 """
 
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
+from cvxdpo import mesh as mesh_lib
 from cvxdpo.data import pipeline
+from cvxdpo.eval import metrics as metrics_lib
 from cvxdpo.train import step as step_lib
+
+SHP_RATIO_EDGES = (2.0, 3.0, 5.0, 10.0, float("inf"))  # SHP keeps pairs with a score ratio >= 2
+CLUSTER_KEYS = ("sample_id", "post_id", "review")  # a conversation, an SHP post, an IMDb review
+
+
+def cluster_ids(source) -> np.ndarray:
+    """Which pairs share a prompt's context (resampled together by the bootstrap): the conversation, post or
+    review a pair came from when its source records one, else the prompt text."""
+    keys = []
+    for k in range(len(source)):
+        pair = source[k]
+        found = next((f"{name}={pair.meta[name]}" for name in CLUSTER_KEYS if name in pair.meta), None)
+        keys.append(found or f"prompt={pair.prompt}")
+    return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1]
+
+
+def _gather(x) -> np.ndarray:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def per_example(fn, source, tokenizer, tok_cfg: pipeline.TokenizeConfig, batch_size: int, mesh, mode: str = "pairs",
+                ref_logps=None) -> dict[str, np.ndarray]:
+    """`fn(placed_batch) -> {name: (B, ...) array}` over every example of `source` once; tables (N, ...)."""
+    dataset = pipeline.make_dataset(source, tokenizer, tok_cfg, batch_size, mode=mode, shuffle=False, num_epochs=1,
+                                    ref_logps=ref_logps)
+    tables = {}
+    for batch in pipeline.padded_pass(dataset, pipeline.batches_per_pass(len(source), batch_size,
+                                                                         jax.process_count())):
+        with mesh_lib.use_mesh(mesh):
+            out = fn(step_lib.place_batch(batch, mesh))
+        keep = _gather(batch["weight"]) > 0
+        index = _gather(batch["index"])[keep]
+        for name, value in out.items():
+            value = _gather(value)[keep]
+            tables.setdefault(name, np.zeros((len(source), *value.shape[1:]), value.dtype))[index] = value
+    return tables
+
+
+def pair_report(tables: dict, source, beta: float = 1.0, seed: int = 0) -> dict:
+    """The held-out report of per-pair tables (`logps_chosen`, `logps_rejected`, `lengths_chosen`,
+    `lengths_rejected`, optional `ref_logps_chosen`/`ref_logps_rejected`)."""
+    clusters = cluster_ids(source)
+    report = metrics_lib.pair_metrics(
+        tables["logps_chosen"], tables["logps_rejected"], tables["lengths_chosen"], tables["lengths_rejected"],
+        clusters, tables.get("ref_logps_chosen"), tables.get("ref_logps_rejected"), beta=beta, seed=seed)
+    correct = tables["logps_chosen"] > tables["logps_rejected"]
+    lengths = (tables["lengths_chosen"] + tables["lengths_rejected"]) / 2
+    report["accuracy_by_length"] = metrics_lib.binned_accuracy(correct, lengths, metrics_lib.quantile_edges(lengths),
+                                                               clusters, seed)
+    ratios = [source[k].meta.get("score_ratio") for k in range(len(source))]
+    if all(r is not None for r in ratios):
+        report["accuracy_by_score_ratio"] = metrics_lib.binned_accuracy(correct, ratios, SHP_RATIO_EDGES, clusters,
+                                                                        seed)
+    return report
+
+
+def flatten(report: dict, prefix: str = "") -> dict:
+    """Nested scalars as one level of "a/b/c" keys (lists of bins are left out: they go to eval.json)."""
+    flat = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}/"))
+        elif not isinstance(value, list):
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 class Evaluator:
+    """Training's held-out evaluation: the objective's per-example terms over the whole held-out split."""
+
     def __init__(self, objective, graphdef, mesh, shardings, source, tokenizer, tok_cfg: pipeline.TokenizeConfig,
-                 batch_size: int, mode: str, ref_logps=None, max_batches: int = 0):
-        """`max_batches` > 0 caps the pass (0 = the whole source); `ref_logps` are precomputed reference rows."""
+                 batch_size: int, mode: str, ref_logps=None, beta: float = 1.0, seed: int = 0):
         self.step = step_lib.make_eval_step(objective, graphdef, mesh, shardings)
         self.mesh, self.source, self.tokenizer, self.tok_cfg = mesh, source, tokenizer, tok_cfg
-        self.batch_size, self.mode, self.ref_logps, self.max_batches = batch_size, mode, ref_logps, max_batches
+        self.batch_size, self.mode, self.ref_logps, self.beta, self.seed = batch_size, mode, ref_logps, beta, seed
 
     def __call__(self, state) -> dict:
-        dataset = pipeline.make_dataset(self.source, self.tokenizer, self.tok_cfg, self.batch_size, mode=self.mode,
-                                        shuffle=False, num_epochs=1, ref_logps=self.ref_logps)
-        n = pipeline.batches_per_pass(len(self.source), self.batch_size, jax.process_count())
-        if self.max_batches:
-            n = min(n, self.max_batches)
-        totals = None
-        for batch in pipeline.padded_pass(dataset, n):
-            sums = self.step(state, step_lib.place_batch(batch, self.mesh))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-        totals = {k: float(v) for k, v in jax.device_get(totals).items()}
+        t = per_example(lambda batch: self.step(state, batch), self.source, self.tokenizer, self.tok_cfg,
+                        self.batch_size, self.mesh, self.mode, self.ref_logps)
         if self.mode == "sft":
-            return {"nll": totals["nll_sum"] / max(totals["tokens"], 1), "tokens": totals["tokens"]}
-        pairs = max(totals.pop("pairs"), 1.0)
-        out = {k: v / pairs for k, v in totals.items() if k != "loss_sum"}
-        return {"loss": totals["loss_sum"] / pairs, **out, "pairs": pairs}
+            return {"nll": float(t["loss"].sum() / max(t["tokens"].sum(), 1)), "tokens": float(t["tokens"].sum())}
+        rewards_c, rewards_r = t["rewards_chosen"], t["rewards_rejected"]
+        row = {"loss": t["loss"].mean(), "rewards/chosen": rewards_c.mean(), "rewards/rejected": rewards_r.mean(),
+               "rewards/accuracies": (rewards_c > rewards_r).mean(), "rewards/margins": (rewards_c - rewards_r).mean(),
+               "preference_accuracy": (t["logps_chosen"] > t["logps_rejected"]).mean()}
+        row.update(flatten(pair_report(t, self.source, self.beta, self.seed)))
+        return {k: float(v) for k, v in row.items()}

@@ -42,6 +42,10 @@ def sequence_forward(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Arra
     return gpt2.sequence_logprobs(out.logits, batch["input_ids"], batch["loss_mask"])
 
 
+def _lengths(counts_Bx2) -> dict:
+    return {"lengths_chosen": counts_Bx2[:, 0], "lengths_rejected": counts_Bx2[:, 1], "tokens": counts_Bx2.sum(-1)}
+
+
 class Objective:
     """Defaults shared by every objective: no reference copy, no method state."""
 
@@ -65,10 +69,6 @@ class SFTObjective(Objective):
 
     def metrics(self, terms: dict, batch) -> dict:
         return {"tokens": terms["tokens"].sum()}
-
-    def eval_metrics(self, terms: dict, batch) -> dict:
-        """Sums over the batch; the evaluator divides by the totals at the end."""
-        return {"nll_sum": terms["loss"].sum(), "tokens": terms["tokens"].sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,20 +97,17 @@ class DPOObjective(Objective):
 
     def terms(self, graphdef, params, state, batch) -> dict:
         logps_Bx2, counts_Bx2, _ = pair_forward(graphdef, params, batch)
-        terms = losses.preference_terms(logps_Bx2, self._reference_logps(graphdef, state, batch), counts_Bx2,
-                                        self.loss)
-        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts_Bx2.sum(-1)}
+        ref_Bx2 = self._reference_logps(graphdef, state, batch)
+        terms = losses.preference_terms(logps_Bx2, ref_Bx2, counts_Bx2, self.loss)
+        if ref_Bx2 is not None:
+            terms.update(ref_logps_chosen=ref_Bx2[:, 0], ref_logps_rejected=ref_Bx2[:, 1])
+        return {**terms, **_lengths(counts_Bx2), "loss": terms["loss"] * batch["weight"]}
 
     def denominator(self, batch) -> jax.Array:
         return jnp.maximum(batch["weight"].sum(), 1.0)
 
     def metrics(self, terms: dict, batch) -> dict:
         return {**losses.preference_metrics(terms, batch["weight"]), "tokens": (terms["tokens"] * batch["weight"]).sum()}
-
-    def eval_metrics(self, terms: dict, batch) -> dict:
-        w = batch["weight"]
-        means = losses.preference_metrics(terms, w)
-        return {**{k: v * w.sum() for k, v in means.items()}, "loss_sum": terms["loss"].sum(), "pairs": w.sum()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +125,7 @@ class DPOConvexObjective(DPOObjective):
         features_Bx2xK = anchor.pool(hidden_2BxLxE, batch["loss_mask"], state.extra.projection)
         margin_B = anchor.margin(state.extra, features_Bx2xK)
         terms = losses.convex_signal_terms(logps_Bx2, counts_Bx2, margin_B, self.loss.beta, self.signal)
-        return {**terms, "loss": terms["loss"] * batch["weight"], "tokens": counts_Bx2.sum(-1),
+        return {**terms, **_lengths(counts_Bx2), "loss": terms["loss"] * batch["weight"],
                 "features": features_Bx2xK, "margin": margin_B}
 
     def update_extra(self, state, terms: dict, batch) -> tuple:

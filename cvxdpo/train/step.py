@@ -88,11 +88,11 @@ def make_train_step(objective, graphdef, tx: optax.GradientTransformation, mesh,
 
 
 def make_eval_step(objective, graphdef, mesh, shardings: TrainState):
-    """Sums of the objective's eval metrics over one batch (no update, nothing donated)."""
+    """The objective's per-example terms of one batch, (B,) arrays only (no update, nothing donated)."""
 
     def step(state: TrainState, batch: dict):
         terms = objective.terms(graphdef, state.params, state, batch)
-        return objective.eval_metrics(terms, batch)
+        return {k: v for k, v in terms.items() if v.ndim == 1}
 
     return _under_mesh(jax.jit(step, in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                                out_shardings=mesh_lib.replicated(mesh)), mesh)

@@ -74,8 +74,8 @@ class Trainer:
         self.train_step = step_lib.make_train_step(self.objective, self.graphdef, tx, self.mesh, self.shardings,
                                                    config.train.micro_batches, schedule)
         self.evaluator = Evaluator(self.objective, self.graphdef, self.mesh, self.shardings, self.eval_source,
-                                        self.tokenizer, tok_cfg, config.train.batch_size, self.mode, eval_ref,
-                                        config.train.eval_batches)
+                                   self.tokenizer, tok_cfg, config.train.batch_size, self.mode, eval_ref,
+                                   beta=config.loss.beta, seed=seed)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), config.train.keep_checkpoints)
         latest = self.checkpointer.latest_step()
         if latest is not None:
