@@ -66,7 +66,19 @@ def run_stages(config, workdir: str, overrides=()) -> list[tuple[str, Trainer, d
 
 
 def _fmt(metrics: dict | None, key: str) -> str:
-    return "-" if not metrics or key not in metrics else f"{metrics[key]:.3f}"
+    """A held-out value, with its 95% interval when the report has one (`key` ending in /mean)."""
+    if not metrics or key not in metrics:
+        return "-"
+    interval = key.removesuffix("/mean")
+    if key.endswith("/mean") and f"{interval}/lo" in metrics:
+        return f"{metrics[key]:.3f} [{metrics[interval + '/lo']:.3f}, {metrics[interval + '/hi']:.3f}]"
+    return f"{metrics[key]:.3f}"
+
+
+def _display(path: str) -> str:
+    """Paths under the working directory as the user typed them (relative)."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
 
 
 def print_report(results) -> None:
@@ -78,8 +90,10 @@ def print_report(results) -> None:
         if trainer.mode == "sft":
             print(f"  held-out response NLL/token: {_fmt(before, 'eval/nll')} -> {_fmt(after, 'eval/nll')}")
         else:
-            for key in ("preference_accuracy", "rewards/accuracies", "rewards/margins", "loss"):
-                print(f"  held-out {key}: {_fmt(before, 'eval/' + key)} -> {_fmt(after, 'eval/' + key)}")
+            for key in ("accuracy/raw/mean", "accuracy/length_normalized/mean", "rewards/accuracies",
+                        "rewards/margins", "loss"):
+                print(f"  held-out {key.removesuffix('/mean')}: {_fmt(before, 'eval/' + key)} -> "
+                      f"{_fmt(after, 'eval/' + key)}")
     _, trainer, report = results[-1]
     if report["hf"]:
         _print_samples(trainer, report["hf"])
@@ -100,7 +114,8 @@ def print_outputs(results) -> None:
     """Where each stage's metrics, checkpoints and exported model are."""
     print("\n== outputs")
     for stage, _, r in results:
-        print(f"[{stage}] metrics: {os.path.join(r['workdir'], 'metrics.jsonl')}\n"
-              f"  checkpoints: {os.path.join(r['workdir'], 'checkpoints')}\n"
-              f"  Hugging Face model: {r['hf'] or '(not exported: train.export_hf=false)'}\n"
-              f"  curves: tensorboard --logdir {os.path.join(r['workdir'], 'tensorboard')}")
+        workdir = _display(r["workdir"])
+        print(f"[{stage}] metrics: {os.path.join(workdir, 'metrics.jsonl')}\n"
+              f"  checkpoints: {os.path.join(workdir, 'checkpoints')}\n"
+              f"  Hugging Face model: {_display(r['hf']) if r['hf'] else '(not exported: train.export_hf=false)'}\n"
+              f"  curves: tensorboard --logdir {os.path.join(workdir, 'tensorboard')}")
