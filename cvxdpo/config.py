@@ -91,7 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
     # DPO-Convex (train.method = "dpo_convex"): how the anchor's margin enters the loss ...
     c.signal = ml_collections.ConfigDict()
     c.signal.name = "margin"  # distill | margin | soft_label
-    c.signal.gamma = 1.0  # weight of the convex margin (distill, margin)
+    c.signal.gamma = 4.0  # weight of the convex margin (distill, margin), in units of `scale`
+    c.signal.scale = "standardized"  # none (raw m) | standardized (m / its RMS over the buffer at the last refit)
     c.signal.tau = 1.0  # temperature of the soft label
     c.signal.eps = 0.05  # soft label kept in [0.5, 1 - eps]
     c.signal.normalize_length = False  # length-normalized log-probs, as SimPO

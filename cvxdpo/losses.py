@@ -32,6 +32,15 @@ preference loss (`LossConfig.beta`):
   distill      (beta D - gamma m)^2
   margin       -log sigmoid(beta D - gamma m)
   soft_label   -(p log sigmoid(beta D) + (1 - p) log sigmoid(-beta D)),  p = clip(sigmoid(m / tau), 0.5, 1 - eps)
+
+The anchor acts only through the per-pair gradient weight w = -dloss/d(beta D)
+(margin: sigmoid(gamma m - beta D); distill: 2 (gamma m - beta D); soft_label:
+p - sigmoid(beta D)). `convex_signal_terms` reports |w(m) - w(0)|, the change
+the anchor makes to that weight against the same loss without it (for
+`margin`, w(0) = sigmoid(-beta D) is reference-free DPO's weight), and the
+anchor's term on the scale of beta D (gamma m; for soft_label logit(p), the
+beta D at which its loss is least), so that a run can see whether the anchor
+is commensurate with the policy margin or drowned by it.
 """
 
 from __future__ import annotations
@@ -46,6 +55,7 @@ from cvxdpo.errors import ConfigError
 LOSSES = ("sigmoid", "ipo", "hinge", "reference_free", "simpo")
 REFERENCE_FREE = ("reference_free", "simpo")
 SIGNALS = ("distill", "margin", "soft_label")
+SIGNAL_SCALES = ("none", "standardized")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +83,24 @@ class LossConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SignalConfig:
-    """How DPO-Convex's anchor margin enters its loss."""
+    """How DPO-Convex's anchor margin enters its loss.
+
+    `scale`: "none" uses the classifier's raw margin m, whose size depends on the
+    features and the classifier's regularization; "standardized" divides m by
+    the root mean square of the margins over the buffer at the last refit, so m
+    is O(1) and `gamma` is in units of the classifier's typical margin.
+
+    The default gamma = 4 lets the anchor move a typical pair's target across
+    the range where reference-free DPO's weight sigmoid(-beta D) is not yet
+    saturated (0.5 at beta D = 0, 0.018 at 4). Measured on the tutor pairs
+    (tests/test_dpo_convex.py's config), the mean change of the per-pair weight
+    is 0.03 with gamma = 1, 0.12 with 4 and 0.22 with 8 (standardized), and
+    0.15 with the raw margin and gamma = 1, whose size depends on the features.
+    """
 
     name: str = "margin"
-    gamma: float = 1.0  # weight of the convex margin (distill, margin)
+    gamma: float = 4.0  # weight of the convex margin (distill, margin); see above for the default
+    scale: str = "standardized"  # none | standardized (see above)
     tau: float = 1.0  # temperature of the soft label
     eps: float = 0.05  # the soft label is kept in [0.5, 1 - eps]
     normalize_length: bool = False  # length-normalized log-probs, as SimPO
@@ -84,6 +108,8 @@ class SignalConfig:
     def __post_init__(self):
         if self.name not in SIGNALS:
             raise ConfigError(f"signal.name={self.name!r} is not one of {', '.join(SIGNALS)}")
+        if self.scale not in SIGNAL_SCALES:
+            raise ConfigError(f"signal.scale={self.scale!r} is not one of {', '.join(SIGNAL_SCALES)}")
         if self.tau <= 0 or not 0 < self.eps < 0.5:
             raise ConfigError(f"signal.tau must be positive and signal.eps in (0, 0.5), got {self.tau}, {self.eps}")
 
@@ -122,20 +148,46 @@ def preference_terms(logps_Bx2: jax.Array, ref_logps_Bx2: jax.Array | None, coun
     return _pair_terms(losses_B, beta * (scored_Bx2 - ref_scored_Bx2), logps_Bx2)
 
 
+def _soft_label(m_B: jax.Array, cfg: SignalConfig) -> jax.Array:
+    """p = clip(sigmoid(m / tau), 0.5, 1 - eps): the anchor can soften a label towards chance, never flip it."""
+    return jnp.clip(jax.nn.sigmoid(m_B / cfg.tau), 0.5, 1.0 - cfg.eps)
+
+
+def _signal_losses(z_B: jax.Array, m_B: jax.Array, cfg: SignalConfig) -> jax.Array:
+    """Per-pair loss of signal `cfg.name` on the policy margin z = beta * D and the anchor margin m."""
+    if cfg.name == "distill":
+        return jnp.square(z_B - cfg.gamma * m_B)
+    if cfg.name == "margin":
+        return -jax.nn.log_sigmoid(z_B - cfg.gamma * m_B)
+    p_B = _soft_label(m_B, cfg)
+    return -(p_B * jax.nn.log_sigmoid(z_B) + (1.0 - p_B) * jax.nn.log_sigmoid(-z_B))
+
+
+def _gradient_weight(z_B: jax.Array, m_B: jax.Array, cfg: SignalConfig) -> jax.Array:
+    """w = -dloss/dz per pair (the losses are elementwise, so the gradient of their sum is per pair)."""
+    return -jax.grad(lambda z: _signal_losses(z, m_B, cfg).sum())(z_B)
+
+
 def convex_signal_terms(logps_Bx2: jax.Array, counts_Bx2: jax.Array, margin_B: jax.Array, beta: float,
                         cfg: SignalConfig) -> dict:
-    """Per-pair DPO-Convex loss and (reference-free) rewards; the margin carries no gradient."""
+    """Per-pair DPO-Convex loss, (reference-free) rewards and the anchor's diagnostics; the margin carries no
+    gradient. `margin_B` is the m that enters the loss (already divided by its scale when standardized).
+
+    `anchor_weight_change` is |w(m) - w(0)| and `anchor_term` the anchor on the scale of beta D (see the
+    module docstring); both are computed without gradient.
+    """
     scored_Bx2 = logps_Bx2 / jnp.maximum(counts_Bx2, 1.0) if cfg.normalize_length else logps_Bx2
-    D_B = scored_Bx2[:, 0] - scored_Bx2[:, 1]
+    z_B = beta * (scored_Bx2[:, 0] - scored_Bx2[:, 1])
     m_B = jax.lax.stop_gradient(margin_B)
-    if cfg.name == "distill":
-        losses_B = jnp.square(beta * D_B - cfg.gamma * m_B)
-    elif cfg.name == "margin":
-        losses_B = -jax.nn.log_sigmoid(beta * D_B - cfg.gamma * m_B)
+    z_fixed_B = jax.lax.stop_gradient(z_B)
+    change_B = jnp.abs(_gradient_weight(z_fixed_B, m_B, cfg) - _gradient_weight(z_fixed_B, jnp.zeros_like(m_B), cfg))
+    if cfg.name == "soft_label":
+        p_B = _soft_label(m_B, cfg)
+        anchor_B = jnp.log(p_B) - jnp.log1p(-p_B)
     else:
-        p_B = jnp.clip(jax.nn.sigmoid(m_B / cfg.tau), 0.5, 1.0 - cfg.eps)
-        losses_B = -(p_B * jax.nn.log_sigmoid(beta * D_B) + (1.0 - p_B) * jax.nn.log_sigmoid(-beta * D_B))
-    return _pair_terms(losses_B, beta * scored_Bx2, logps_Bx2)
+        anchor_B = cfg.gamma * m_B
+    return {**_pair_terms(_signal_losses(z_B, m_B, cfg), beta * scored_Bx2, logps_Bx2),
+            "anchor_weight_change": change_B, "anchor_term": anchor_B}
 
 
 def sft_terms(logps_B: jax.Array, counts_B: jax.Array) -> dict:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cvxdpo import losses
+from cvxdpo.errors import ConfigError
 
 # (B, 2) summed log-probs [chosen, rejected] and response lengths.
 POLICY = np.array([[-10.0, -12.0], [-8.0, -7.0]])
@@ -100,10 +101,14 @@ def test_metrics_are_weighted_means():
 MARGIN = np.array([0.8, -0.4])
 
 
-def _signal(signal, beta, **kw):
+def _signal(signal, beta, policy=POLICY, margin=MARGIN, **kw):
     cfg = losses.SignalConfig(name=signal, **kw)
-    out = losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), jnp.asarray(MARGIN), beta, cfg)
+    out = losses.convex_signal_terms(jnp.asarray(policy), jnp.asarray(COUNTS), jnp.asarray(margin), beta, cfg)
     return {k: np.asarray(v) for k, v in out.items()}
+
+
+def _sigmoid(x):
+    return 1 / (1 + np.exp(-x))
 
 
 def test_convex_signals_against_hand_values():
@@ -129,3 +134,39 @@ def test_convex_margin_carries_no_gradient():
         return losses.convex_signal_terms(jnp.asarray(POLICY), jnp.asarray(COUNTS), margin, 0.5, cfg)["loss"].sum()
 
     assert np.all(np.asarray(jax.grad(total)(jnp.asarray(MARGIN))) == 0)
+
+
+def test_anchor_diagnostics_against_hand_values():
+    """w = -dloss/d(beta D): margin sigmoid(gamma m - beta D), distill 2 (gamma m - beta D), soft_label
+    p - sigmoid(beta D); the change is |w(m) - w(0)|, and the anchor term gamma m (soft_label: logit p)."""
+    beta, gamma, tau, eps = 0.5, 2.0, 0.5, 0.05
+    z = beta * (POLICY[:, 0] - POLICY[:, 1])  # [1, -0.5]
+    margin = _signal("margin", beta=beta, gamma=gamma)
+    np.testing.assert_allclose(margin["anchor_weight_change"], np.abs(_sigmoid(gamma * MARGIN - z) - _sigmoid(-z)),
+                               rtol=1e-6)
+    np.testing.assert_allclose(margin["anchor_term"], [1.6, -0.8])
+    distill = _signal("distill", beta=beta, gamma=gamma)
+    np.testing.assert_allclose(distill["anchor_weight_change"], [3.2, 1.6], rtol=1e-6)  # 2 gamma |m|
+    np.testing.assert_allclose(distill["anchor_term"], [1.6, -0.8])
+    soft = _signal("soft_label", beta=beta, tau=tau, eps=eps)  # m / tau = [1.6, -0.8]: p = [sigmoid(1.6), 0.5]
+    np.testing.assert_allclose(soft["anchor_weight_change"], [_sigmoid(1.6) - 0.5, 0.0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(soft["anchor_term"], [1.6, 0.0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("signal", ["margin", "distill", "soft_label"])
+def test_anchor_weight_change_is_that_of_the_loss_gradient(signal):
+    """The logged change equals |w(m) - w(0)| with w = -dloss/d(beta D) from central differences of the loss."""
+    beta, h = 0.5, 1e-4
+
+    def weight(margin):
+        up, down = (_signal(signal, beta, policy=POLICY + [[s * h, 0.0]], margin=margin)["loss"] for s in (1, -1))
+        return -(up - down) / (2 * h * beta)
+
+    expected = np.abs(weight(MARGIN) - weight(np.zeros(2)))
+    np.testing.assert_allclose(_signal(signal, beta)["anchor_weight_change"], expected, rtol=1e-5, atol=1e-8)
+
+
+def test_signal_scale_is_checked():
+    assert losses.SignalConfig().scale == "standardized"
+    with pytest.raises(ConfigError, match="signal.scale='raw' is not one of none, standardized"):
+        losses.SignalConfig(scale="raw")

@@ -1,15 +1,22 @@
 """The convex anchor of DPO-Convex: features, a rolling buffer, and an ADMM refit inside the train step.
 
 Per step the policy's final hidden states are mean-pooled over each response's
-tokens (stop-gradient), mapped to `dim` dimensions by a fixed random
-projection and standardized with running statistics. A ring buffer keeps the
-features of the last `buffer` pairs, chosen rows labelled +1 and rejected rows
--1. Every `refresh_every` steps (once the buffer is full) a gated convex
-two-layer ReLU classifier is re-fitted on the buffer by warm-started ADMM with
-at most `admm_iters` iterations, inside the jitted step. Its margin
-m = f(phi(y_w)) - f(phi(y_l)) is the anchor the DPO-Convex losses use in place
-of a reference model. Everything here is a few small arrays: no second copy of
-the policy.
+tokens (stop-gradient) and mapped to `dim` dimensions by a fixed random
+projection. A ring buffer keeps these RAW features of the last `buffer` pairs,
+chosen rows labelled +1 and rejected rows -1. Every `refresh_every` steps (once
+the buffer is full) a gated convex two-layer ReLU classifier is re-fitted on the
+buffer by warm-started ADMM with at most `admm_iters` iterations, inside the
+jitted step. The refit standardizes the buffer with the buffer's own mean and
+standard deviation, so every row of a fit is on one scale however the policy's
+features drifted while the buffer filled; those statistics are kept with the
+classifier, so that `margin` at later steps sees features exactly as the fit did.
+
+Its margin m = f(phi(y_w)) - f(phi(y_l)) is the anchor the DPO-Convex losses
+use in place of a reference model. The refit also records the root mean square
+of m over the buffer's pairs (`margin_scale`): dividing by it
+(`signal.scale = "standardized"`) makes m O(1) whatever the features' scale,
+so that the loss's `gamma` has one meaning. Everything here is a few small
+arrays: no second copy of the policy.
 """
 
 from __future__ import annotations
@@ -23,6 +30,8 @@ from flax import struct
 from cvxdpo.convex import admm
 from cvxdpo.convex import gated_relu as gr
 from cvxdpo.errors import ConfigError
+
+VARIANCE_FLOOR = 1e-6  # added to a feature's variance: a constant feature standardizes to 0, not to NaN
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,13 +66,13 @@ class AnchorConfig:
 @struct.dataclass
 class AnchorState:
     projection: jax.Array  # (E, dim) fixed
-    mean: jax.Array  # (dim,) running mean of the projected features
-    m2: jax.Array  # (dim,) running sum of squared deviations (Welford / Chan)
-    count: jax.Array  # () features seen
-    buffer: jax.Array  # (2 * buffer, dim) standardized features, rows [c_0, r_0, c_1, r_1, ...]
+    buffer: jax.Array  # (2 * buffer, dim) raw projected features, rows [c_0, r_0, c_1, r_1, ...]
     pairs_seen: jax.Array  # () pairs written into the buffer so far
     gates: jax.Array  # (dim, num_gates) fixed
     admm: admm.ADMMState
+    center: jax.Array  # (dim,) the buffer's feature mean at the last refit
+    spread: jax.Array  # (dim,) the buffer's feature standard deviation at the last refit
+    margin_scale: jax.Array  # () root mean square of the classifier's margins over the buffer at the last refit
     fit: dict  # the last refit's diagnostics
 
 
@@ -71,16 +80,19 @@ FIT_KEYS = ("objective", "accuracy", "primal_residual", "dual_residual", "dualit
 
 
 def init(cfg: AnchorConfig, n_embd: int, seed: int) -> AnchorState:
-    """A fresh anchor: the projection from `seed`, the gates from `seed + 1`, an empty buffer."""
+    """A fresh anchor: the projection from `seed`, the gates from `seed + 1`, an empty buffer.
+
+    Until the first refit the classifier's weights are 0, so m = 0 whatever the (identity) standardization.
+    """
     key = jax.random.key(seed)
     f32 = jnp.float32
     projection = jax.random.normal(key, (n_embd, cfg.dim), f32) / jnp.sqrt(n_embd)
     rows = 2 * cfg.buffer
     return AnchorState(
-        projection=projection, mean=jnp.zeros((cfg.dim,), f32), m2=jnp.zeros((cfg.dim,), f32),
-        count=jnp.zeros((), f32), buffer=jnp.zeros((rows, cfg.dim), f32), pairs_seen=jnp.zeros((), jnp.int32),
+        projection=projection, buffer=jnp.zeros((rows, cfg.dim), f32), pairs_seen=jnp.zeros((), jnp.int32),
         gates=gr.sample_gates(seed + 1, cfg.dim, cfg.num_gates, f32),
         admm=_without_slack(admm.init_state(rows, cfg.dim, cfg.num_gates, "gated", cfg.admm_config().rho, f32)),
+        center=jnp.zeros((cfg.dim,), f32), spread=jnp.ones((cfg.dim,), f32), margin_scale=jnp.ones((), f32),
         fit={k: jnp.zeros((), f32) for k in FIT_KEYS})
 
 
@@ -89,9 +101,9 @@ def _without_slack(st: admm.ADMMState) -> admm.ADMMState:
     return st._replace(s=None, nu=None)
 
 
-def labels(cfg: AnchorConfig) -> jax.Array:
+def labels(cfg: AnchorConfig, dtype=jnp.float32) -> jax.Array:
     """+1 for chosen rows, -1 for rejected rows, in the buffer's interleaved order."""
-    return jnp.tile(jnp.array([1.0, -1.0], jnp.float32), cfg.buffer)
+    return jnp.tile(jnp.array([1.0, -1.0], dtype), cfg.buffer)
 
 
 def pool(hidden_2BxLxE: jax.Array, loss_mask_Bx2xL: jax.Array, projection_ExK: jax.Array) -> jax.Array:
@@ -106,56 +118,64 @@ def pool(hidden_2BxLxE: jax.Array, loss_mask_Bx2xL: jax.Array, projection_ExK: j
     return (pooled_2BxE @ projection_ExK).reshape(B, 2, -1)
 
 
+def _buffer_statistics(buffer_NxK: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(mean, standard deviation) of each feature over the buffer's rows: the standardization of one refit."""
+    return buffer_NxK.mean(0), jnp.sqrt(buffer_NxK.var(0) + VARIANCE_FLOOR)
+
+
 def standardize(state: AnchorState, features: jax.Array) -> jax.Array:
-    var = state.m2 / jnp.maximum(state.count, 1.0)
-    return (features - state.mean) / jnp.sqrt(var + 1e-6)
+    """Raw projected features (..., K) on the scale the current classifier was fitted on."""
+    return (features - state.center) / state.spread
+
+
+def _scores(state: AnchorState, z_NxK: jax.Array) -> jax.Array:
+    """The current classifier's output f on standardized rows: (N,)."""
+    return gr.forward(z_NxK, gr.masks(z_NxK, state.gates), jnp.ones(state.gates.shape[1], z_NxK.dtype), state.admm.v)
+
+
+def _chosen_minus_rejected(f_N: jax.Array) -> jax.Array:
+    """f(chosen) - f(rejected) of outputs in pair order [c_0, r_0, c_1, r_1, ...]: (N / 2,)."""
+    f_Px2 = f_N.reshape(-1, 2)
+    return f_Px2[:, 0] - f_Px2[:, 1]
 
 
 def margin(state: AnchorState, features_Bx2xK: jax.Array) -> jax.Array:
-    """m = f(phi(y_w)) - f(phi(y_l)) of the current classifier on raw projected features: (B,)."""
-    z_Bx2xK = standardize(state, features_Bx2xK)
-    B = z_Bx2xK.shape[0]
-    z_2BxK = z_Bx2xK.reshape(2 * B, -1)
-    f_2B = gr.forward(z_2BxK, gr.masks(z_2BxK, state.gates), jnp.ones(state.gates.shape[1], z_2BxK.dtype),
-                      state.admm.v)
-    f_Bx2 = f_2B.reshape(B, 2)
-    return jax.lax.stop_gradient(f_Bx2[:, 0] - f_Bx2[:, 1])
-
-
-def _update_stats(state: AnchorState, features: jax.Array) -> AnchorState:
-    """Chan et al.'s parallel update of the running mean and squared deviations."""
-    x = features.reshape(-1, features.shape[-1])
-    n_b = jnp.asarray(x.shape[0], jnp.float32)
-    mean_b = x.mean(0)
-    m2_b = jnp.square(x - mean_b).sum(0)
-    total = state.count + n_b
-    delta = mean_b - state.mean
-    return state.replace(mean=state.mean + delta * n_b / total,
-                         m2=state.m2 + m2_b + jnp.square(delta) * state.count * n_b / total, count=total)
+    """m = f(phi(y_w)) - f(phi(y_l)) of the current classifier on raw projected features: (B,), no gradient."""
+    z_2BxK = standardize(state, features_Bx2xK).reshape(-1, features_Bx2xK.shape[-1])
+    return jax.lax.stop_gradient(_chosen_minus_rejected(_scores(state, z_2BxK)))
 
 
 def refit(state: AnchorState, cfg: AnchorConfig) -> AnchorState:
-    """Warm-started ADMM on the buffer, at most cfg.admm_iters iterations."""
-    X, y = state.buffer, labels(cfg)
+    """Warm-started ADMM on the buffer standardized by its own statistics, at most cfg.admm_iters iterations.
+
+    Every output keeps the dtype of the field it replaces (float32 in training; a float64 copy of the state
+    refits in float64, as the tests that compare with an independent solver do).
+    """
+    center, spread = _buffer_statistics(state.buffer)
+    state = state.replace(center=center, spread=spread)
+    X = standardize(state, state.buffer)
+    y = labels(cfg, X.dtype)
     M = gr.masks(X, state.gates)
     signs = jnp.ones((cfg.num_gates,), X.dtype)
     prob = admm.Problem(X, y, M, signs, jnp.zeros((0, 0), X.dtype), admm.block_weight(X, M))
     empty = jnp.zeros((X.shape[0], 0), X.dtype)
     new, info = admm.solve_local(prob, state.admm._replace(s=empty, nu=empty), cfg.admm_config())
-    f = gr.forward(X, M, signs, new.v)
+    state = state.replace(admm=_without_slack(new))
+    f = _scores(state, X)
+    rms = jnp.sqrt(jnp.mean(jnp.square(_chosen_minus_rejected(f))))
     fit = {"objective": info.objective, "accuracy": jnp.mean((f * y > 0).astype(jnp.float32)),
            "primal_residual": info.primal_residual, "dual_residual": info.dual_residual, "duality_gap": info.gap,
            "iterations": info.iterations.astype(jnp.float32)}
-    return state.replace(admm=_without_slack(new), fit={k: v.astype(jnp.float32) for k, v in fit.items()})
+    return state.replace(margin_scale=jnp.where(rms > 0, rms, 1.0).astype(state.margin_scale.dtype),
+                         fit={k: v.astype(state.fit[k].dtype) for k, v in fit.items()})
 
 
-def update(state: AnchorState, features: jax.Array, step: jax.Array, cfg: AnchorConfig) -> AnchorState:
-    """After a train step: fold the batch's features into the statistics and the buffer; refit when due."""
-    state = _update_stats(state, features)
-    B = features.shape[0]
-    rows = standardize(state, features).reshape(2 * B, -1)
+def update(state: AnchorState, features_Bx2xK: jax.Array, step: jax.Array, cfg: AnchorConfig) -> AnchorState:
+    """After a train step: write the batch's raw features into the buffer; refit when due."""
+    B = features_Bx2xK.shape[0]
+    rows_2BxK = features_Bx2xK.reshape(2 * B, -1).astype(state.buffer.dtype)
     start = (state.pairs_seen % cfg.buffer) * 2
-    state = state.replace(buffer=jax.lax.dynamic_update_slice_in_dim(state.buffer, rows, start, 0),
+    state = state.replace(buffer=jax.lax.dynamic_update_slice_in_dim(state.buffer, rows_2BxK, start, 0),
                           pairs_seen=state.pairs_seen + B)
     due = ((step + 1) % cfg.refresh_every == 0) & (state.pairs_seen >= cfg.buffer)
     return jax.lax.cond(due, lambda s: refit(s, cfg), lambda s: s, state)
