@@ -1,218 +1,338 @@
-"""Ablation: DPO (frozen / precomputed reference), reference-free DPO, SimPO and DPO-Convex (each signal, with and
-without length normalization), across beta and seeds, from one shared SFT model.
+"""The IMDb controlled-sentiment benchmark (the DPO paper's section 6.1), end to end, resumable.
 
-    python tools/ablate.py --out=ablation                                   # the full grid (hours on a CPU)
-    python tools/ablate.py --out=ablation --datasets=tutor --betas=0.1,0.5 --seeds=0 --steps=60
+    python tools/ablate.py --task=imdb_sentiment --out=runs/imdb_sentiment [--data=../shared/data/imdb]
+    python tools/ablate.py --task=imdb_sentiment --out=/tmp/toy --quick        # the whole pipeline, toy size
 
-For each dataset one SFT run (a small GPT-2 trained from scratch, byte-level
-BPE) is the starting point of every variant; each variant runs as its own
-`launch.train` process (so peak memory is its own; the config is
-`configs/base.py` with command-line overrides, exactly as a user would run
-it) for the same steps. Per run:
-held-out preference accuracy (log pi(y_w) > log pi(y_l)) after training, the
-drift of the held-out chosen log-prob (after - before; negative = likelihood
-displacement), loss-curve roughness (std of successive loss differences over
-the loss range), wall time per step and peak RSS. Writes ablation.json,
-PNG plots and prints a table.
-
-Datasets: `tutor` (the bundled conversations, alternating pairs) and `shp`, an
-SHP-shaped JSONL set (the official prompt format "\\n\\nHuman: ...\\n\\nAssistant:",
-long answers, the preferred one drawn from a more helpful vocabulary).
+Steps, each a command of its own that this tool runs in order (a step whose
+output exists is skipped, so a rerun after a stop continues where it stopped):
+  1. reward    tools/sentiment_reward.py train on the train reviews; its accuracy on the public test reviews
+  2. sft       launch.train configs/imdb_sentiment.py:sft (a small GPT-2 and its BPE from scratch)
+  3. pairs     2-8 token prefixes of train reviews, 4 SFT samples each, scored by the reward, all 6 ordered
+               pairs (ties dropped): train_pairs.jsonl, valid_pairs.jsonl (other train reviews) and
+               test_pairs.jsonl (prefixes of the public test reviews)
+  4. runs      launch.train configs/imdb_sentiment.py:METHOD for every method x strength (loss.beta) x seed
+  5. evaluate  launch.evaluate of every run (and the SFT model) on test_pairs.jsonl against the SFT model:
+               reward and KL(pi || pi_SFT) of samples at temperature 1, held-out pair accuracies
+  6. report    ablation.json, frontier.png (reward against KL, seeds as intervals) and a markdown table of
+               reward at matched KL
+The grid is ordered seed-major, so a run stopped early still holds every method at its first seed.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import gzip
 import json
 import os
 import random
 import statistics
 import subprocess
 import sys
+import time
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 
-from cvxdpo.losses import SIGNALS  # noqa: E402
+from configs.imdb_sentiment import METHODS  # noqa: E402
 
-VARIANTS = {  # dotted config overrides per variant
-    "dpo-frozen": ["train.method=dpo", "loss.name=sigmoid", "train.reference=frozen"],
-    "dpo-precomputed": ["train.method=dpo", "loss.name=sigmoid", "train.reference=precomputed"],
-    "reference-free": ["train.method=dpo", "loss.name=reference_free"],
-    "simpo": ["train.method=dpo", "loss.name=simpo"],
-    **{f"convex-{signal}{'-norm' if norm else ''}": ["train.method=dpo_convex", f"signal.name={signal}",
-                                                     f"signal.normalize_length={norm}"]
-       for signal in SIGNALS for norm in (False, True)},
+STRENGTHS = {  # loss.beta per method: each method's own range
+    "dpo": (0.05, 0.1, 0.5), "dpo_precomputed": (0.1,), "reference_free": (0.05, 0.1, 0.5),
+    "ipo": (0.1, 0.5, 1.0), "simpo": (1.0, 2.0, 2.5), "convex_margin": (0.05, 0.1, 0.5),
+    "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
 }
-HELPFUL = "because therefore for example specifically first then finally clearly measured checked".split()
-VAGUE = "maybe whatever somehow anyway probably stuff things kinda basically dunno".split()
-TOPICS = "baking engines law physics history cells contracts ovens stars rivers".split()
+FULL = dict(seeds=(0, 1, 2), strengths=3, reward_rows=0, sft_steps=1500, train_prefixes=2000, valid_prefixes=100,
+            test_prefixes=300, steps=300, eval_prompts=150, samples=2, max_new_tokens=40)
+QUICK = dict(seeds=(0,), strengths=1, reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
+             steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
+QUICK_METHODS = ("dpo", "convex_margin")
+SAMPLES_PER_PREFIX = 4
 
 
-def write_shp_shaped(path: str, n: int = 3000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for i in range(n):
-            words = lambda vocab, k: " ".join(rng.choice(vocab + TOPICS) for _ in range(k))  # noqa: E731
-            k = rng.randint(12, 30)
-            row = {"prompt": f"\n\nHuman: How do {rng.choice(TOPICS)} work, question {i}?\n\nAssistant:",
-                   "chosen": " " + words(HELPFUL, k), "rejected": " " + words(VAGUE, k)}
-            f.write(json.dumps(row) + "\n")
-    return path
-
-
-def dataset_overrides(name: str, out: str) -> list[str]:
-    if name == "tutor":
-        return ["data.source=tutor", "data.truncation=keep_start"]
-    path = write_shp_shaped(os.path.join(out, "shp_shaped.jsonl"))
-    return ["data.source=jsonl", f"data.path={path}"]
-
-
-COMMON = ["model.name=tiny", "model.init=scratch", "tokenizer.spec=train", "tokenizer.vocab_size=1024",
-          "data.max_length=96", "data.max_prompt_length=48", "data.eval_fraction=0.05", "train.optimizer=adamw",
-          "train.batch_size=16", "train.warmup_steps=10", "train.log_every=1", "train.eval_every=100000",
-          "train.checkpoint_every=100000", "train.progress=false", "anchor.buffer=128",
-          "anchor.refresh_every=5"]
-
-
-def launch(workdir: str, overrides: list[str]) -> dict:
-    """One `launch.train` run on configs/base.py with `overrides`; its peak RSS from the OS."""
-    os.makedirs(workdir, exist_ok=True)
-    cmd = [sys.executable, "-m", "launch.train", "--config=configs/base.py", f"--workdir={workdir}",
-           *[f"--config.{item}" for item in overrides]]
-    with open(os.path.join(workdir, "stdout.log"), "w") as out, open(os.path.join(workdir, "stderr.log"), "w") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT)
+def run(cmd: list[str], log: str) -> dict:
+    """A child process with its output in `log`; its wall time and peak RSS from the OS."""
+    start = time.perf_counter()
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status):
-        with open(os.path.join(workdir, "stderr.log")) as f:
-            raise RuntimeError(f"{workdir}: {f.read()[-2000:]}")
-    return {"peak_rss_mib": usage.ru_maxrss / 1024}
+        with open(log) as f:
+            raise SystemExit(f"step failed: {' '.join(cmd)}\n{f.read()[-2000:]}")
+    return {"wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def roughness(losses: list[float]) -> float:
-    diffs = [b - a for a, b in zip(losses, losses[1:])]
-    spread = max(losses) - min(losses)
-    return statistics.pstdev(diffs) / spread if spread > 0 and len(diffs) > 1 else 0.0
+def done(path: str) -> bool:
+    return os.path.exists(path)
 
 
-def run_grid(args) -> list[dict]:
+def subset_csv(src: str, dst: str, rows: int, seed: int) -> str:
+    """A seeded random subset of an IMDb CSV (the files are sorted by label)."""
+    with gzip.open(src, "rt", newline="") as f:
+        reader = csv.DictReader(f)
+        data, fields = list(reader), reader.fieldnames
+    random.Random(seed).shuffle(data)
+    with open(dst, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(data[:rows])
+    return dst
+
+
+def step_reward(a, size) -> None:
+    reward = os.path.join(a.out, "reward")
+    if done(os.path.join(reward, "test.json")):
+        return
+    train = a.train_csv
+    if size["reward_rows"]:
+        train = subset_csv(a.train_csv, os.path.join(a.out, "reward_train_subset.csv"), size["reward_rows"], 0)
+    tool = os.path.join(ROOT, "tools", "sentiment_reward.py")
+    os.makedirs(reward, exist_ok=True)
+    run([sys.executable, tool, "train", f"--data={train}", f"--out={reward}"], os.path.join(a.out, "reward.log"))
+    run([sys.executable, tool, "score", f"--model={reward}", f"--data={a.test_csv}",
+         f"--json={os.path.join(reward, 'test.json')}"], os.path.join(a.out, "reward_score.log"))
+
+
+def step_sft(a, size) -> None:
+    sft = os.path.join(a.out, "sft")
+    if done(os.path.join(sft, "hf", "model.safetensors")):
+        return
+    train = a.train_csv if not size["reward_rows"] else os.path.join(a.out, "reward_train_subset.csv")
+    run([sys.executable, "-m", "launch.train", "--config=configs/imdb_sentiment.py:sft", f"--workdir={sft}",
+         f"--config.data.path={train}", f"--config.train.steps={size['sft_steps']}", "--config.train.progress=false"],
+        os.path.join(a.out, "sft.log"))
+
+
+def _prefixes(csv_path: str, tokenizer, n: int, seed: int, skip: int = 0) -> list[str]:
+    """2-8 token prefixes of `n` seeded-random reviews (after the first `skip` of that order)."""
+    from cvxdpo.data import imdb
+
+    reviews, _ = imdb.load_reviews(csv_path, None)
+    random.Random(seed).shuffle(reviews)
+    return [p for p, _ in imdb.prefix_prompts(reviews[skip:skip + n], tokenizer, seed)]
+
+
+def _write_pairs(path: str, prompts: list[str], model, tokenizer, reward, size, seed: int) -> int:
+    """All 6 ordered pairs of 4 SFT samples per prompt, the higher reward chosen (ties dropped)."""
+    from cvxdpo.train import sample_eval
+
+    encoded = [tokenizer.encode(p) for p in prompts]
+    s = sample_eval.sample(model, tokenizer, encoded, SAMPLES_PER_PREFIX, 1.0, size["max_new_tokens"], seed)
+    scores = reward([prompts[i] + t for i, t in zip(s.prompt_index, s.texts)])
+    count = 0
+    with open(path + ".tmp", "w") as f:
+        for k, prompt in enumerate(prompts):
+            rows = [(s.texts[j], scores[j]) for j in range(len(s.texts)) if s.prompt_index[j] == k]
+            for i in range(len(rows)):
+                for j in range(i + 1, len(rows)):
+                    (a_text, a_r), (b_text, b_r) = rows[i], rows[j]
+                    if a_r == b_r or a_text == b_text:
+                        continue
+                    chosen, rejected = (a_text, b_text) if a_r > b_r else (b_text, a_text)
+                    f.write(json.dumps({"prompt": prompt, "chosen": chosen, "rejected": rejected}) + "\n")
+                    count += 1
+    os.replace(path + ".tmp", path)
+    return count
+
+
+def step_pairs(a, size) -> None:
+    if done(os.path.join(a.out, "pairs.json")):
+        return
+    from cvxdpo.eval.rewards import get_reward
+    from cvxdpo.model import hub
+    from launch import common
+
+    model_dir = os.path.join(a.out, "sft", "hf")
+    model, tokenizer = hub.load_pretrained(model_dir), common.model_tokenizer(model_dir)
+    reward = get_reward("sentiment", os.path.join(a.out, "reward"))
+    train_csv = a.train_csv if not size["reward_rows"] else os.path.join(a.out, "reward_train_subset.csv")
+    splits = {"train": _prefixes(train_csv, tokenizer, size["train_prefixes"], 1),
+              "valid": _prefixes(train_csv, tokenizer, size["valid_prefixes"], 1, skip=size["train_prefixes"]),
+              "test": _prefixes(a.test_csv, tokenizer, size["test_prefixes"], 2)}
+    counts = {name: _write_pairs(os.path.join(a.out, f"{name}_pairs.jsonl"), prompts, model, tokenizer, reward,
+                                 size, seed) for seed, (name, prompts) in enumerate(splits.items())}
+    with open(os.path.join(a.out, "pairs.json"), "w") as f:
+        json.dump({"prefixes": {k: len(v) for k, v in splits.items()}, "pairs": counts}, f, indent=2)
+
+
+def grid(size, methods) -> list[tuple[str, float, int]]:
+    return [(m, beta, seed) for seed in size["seeds"] for m in methods for beta in STRENGTHS[m][:size["strengths"]]]
+
+
+def run_name(method: str, beta: float, seed: int) -> str:
+    return f"{method}-beta{beta:g}-seed{seed}"
+
+
+def step_runs(a, size, methods) -> None:
+    cells = grid(size, methods)
+    for k, (method, beta, seed) in enumerate(cells, 1):
+        workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
+        if done(os.path.join(workdir, "usage.json")):
+            continue
+        t = time.perf_counter()
+        usage = run([sys.executable, "-m", "launch.train", f"--config=configs/imdb_sentiment.py:{method}",
+                     f"--workdir={workdir}", f"--config.data.path={os.path.join(a.out, 'train_pairs.jsonl')}",
+                     f"--config.data.eval_path={os.path.join(a.out, 'valid_pairs.jsonl')}",
+                     f"--config.train.init_from={os.path.join(a.out, 'sft')}", f"--config.loss.beta={beta}",
+                     f"--config.train.seed={seed}", f"--config.train.steps={size['steps']}",
+                     "--config.train.progress=false"], os.path.join(a.out, "runs", f"{run_name(method, beta, seed)}.log"))
+        with open(os.path.join(workdir, "usage.json"), "w") as f:
+            json.dump(usage, f)
+        print(f"[{k}/{len(cells)}] trained {run_name(method, beta, seed)} in {time.perf_counter() - t:.0f} s",
+              flush=True)
+
+
+def evaluate(a, size, model_dir: str) -> bool:
+    """launch.evaluate of one model on the test pairs; False when its eval.json already exists."""
+    out = os.path.join(model_dir, "eval_test")
+    if done(os.path.join(out, "eval.json")):
+        return False
+    run([sys.executable, "-m", "launch.evaluate", f"--model={model_dir}", f"--reference={os.path.join(a.out, 'sft')}",
+         "--data_source=jsonl", f"--data_path={os.path.join(a.out, 'test_pairs.jsonl')}", f"--out={out}",
+         f"--samples={size['samples']}", "--temperatures=1.0", f"--max_new_tokens={size['max_new_tokens']}",
+         f"--max_prompts={size['eval_prompts']}", "--reward=sentiment",
+         f"--reward_model={os.path.join(a.out, 'reward')}", f"--max_length={64}", "--max_prompt_length=16"],
+        os.path.join(model_dir, "eval_test.log"))
+    return True
+
+
+def step_evaluate(a, size, methods) -> None:
+    evaluate(a, size, os.path.join(a.out, "sft"))
+    cells = grid(size, methods)
+    for k, (method, beta, seed) in enumerate(cells, 1):
+        workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
+        if done(os.path.join(workdir, "usage.json")) and evaluate(a, size, workdir):
+            print(f"[{k}/{len(cells)}] evaluated {run_name(method, beta, seed)}", flush=True)
+
+
+def collect(a, size, methods) -> list[dict]:
     from cvxdpo.train.logs import read_metrics
 
     rows = []
-    for dataset in args.datasets.split(","):
-        base = os.path.join(args.out, dataset)
-        os.makedirs(base, exist_ok=True)
-        data = dataset_overrides(dataset, base)
-        sft = os.path.join(base, "sft")
-        if not os.path.exists(os.path.join(sft, "hf", "model.safetensors")):
-            launch(sft, COMMON + data + ["train.method=sft", f"train.steps={args.sft_steps}",
-                                         "train.learning_rate=0.003"])
-        for variant, spec in VARIANTS.items():
-            if args.variants and variant not in args.variants.split(","):
-                continue
-            for beta in map(float, args.betas.split(",")):
-                for seed in map(int, args.seeds.split(",")):
-                    workdir = os.path.join(base, f"{variant}-beta{beta}-seed{seed}")
-                    overrides = COMMON + data + spec + [
-                        f"loss.beta={beta}", f"train.seed={seed}", f"train.steps={args.steps}",
-                        "train.learning_rate=0.0003", f"train.init_from={sft}"]
-                    report = launch(workdir, overrides)
-                    metrics = read_metrics(workdir)
-                    losses = [r["loss"] for r in metrics if "loss" in r]
-                    evals = [r for r in metrics if "eval/loss" in r]
-                    before, after = evals[0], evals[-1]
-                    row = {"dataset": dataset, "variant": variant, "beta": beta, "seed": seed,
-                           "accuracy": after["eval/preference_accuracy"],
-                           "accuracy_before": before["eval/preference_accuracy"],
-                           "chosen_drift": after["eval/logps/chosen"] - before["eval/logps/chosen"],
-                           "roughness": roughness(losses),
-                           "s_per_step": statistics.median(r["time/step_s"] for r in metrics if "loss" in r),
-                           "peak_rss_mib": report["peak_rss_mib"], "losses": losses}
-                    rows.append(row)
-                    print(f"{dataset} {variant} beta={beta} seed={seed}: acc {row['accuracy']:.3f} "
-                          f"drift {row['chosen_drift']:+.1f} rough {row['roughness']:.3f} "
-                          f"{row['s_per_step']:.3f} s/step {row['peak_rss_mib']:.0f} MiB", flush=True)
+    for method, beta, seed in grid(size, methods):
+        workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
+        path = os.path.join(workdir, "eval_test", "eval.json")
+        if not done(path):
+            continue
+        with open(path) as f:
+            ev = json.load(f)
+        with open(os.path.join(workdir, "usage.json")) as f:
+            usage = json.load(f)
+        sampled = ev["sampling"]["temperature_1"]
+        steps = [r["time/step_s"] for r in read_metrics(workdir) if "time/step_s" in r]
+        rows.append({"method": method, "beta": beta, "seed": seed, "reward": sampled["reward"], "kl": sampled["kl"],
+                     "accuracy_raw": ev["accuracy"]["raw"], "accuracy_reference_adjusted":
+                     ev["accuracy"]["reference_adjusted"], "step_s": statistics.median(steps),
+                     "peak_rss_mib": usage["peak_rss_mib"]})
     return rows
 
 
-def summarize(rows: list[dict]) -> str:
-    """Markdown: per dataset and variant, the mean over seeds at each beta, and the spread across beta."""
-    lines = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        betas = sorted({r["beta"] for r in rows if r["dataset"] == dataset})
-        lines.append(f"\n**{dataset}** — held-out preference accuracy (mean over seeds) per beta; drift of the "
-                     "held-out chosen log-prob, roughness, s/step and peak RSS averaged over all runs\n")
-        lines.append("| variant | " + " | ".join(f"beta {b}" for b in betas) +
-                     " | min..max over beta | chosen drift | roughness | s/step | peak MiB |")
-        lines.append("|---" * (len(betas) + 6) + "|")
-        for variant in VARIANTS:
-            sel = [r for r in rows if r["dataset"] == dataset and r["variant"] == variant]
-            if not sel:
-                continue
-            accs = [statistics.fmean(r["accuracy"] for r in sel if r["beta"] == b) for b in betas]
-            mean = lambda k: statistics.fmean(r[k] for r in sel)  # noqa: E731
-            lines.append(f"| {variant} | " + " | ".join(f"{a:.3f}" for a in accs) +
-                         f" | {min(accs):.3f}..{max(accs):.3f} | {mean('chosen_drift'):+.1f} | "
-                         f"{mean('roughness'):.3f} | {mean('s_per_step'):.3f} | {mean('peak_rss_mib'):.0f} |")
+def _mean_over_seeds(rows, method, beta, key):
+    vals = [r[key]["mean"] if isinstance(r[key], dict) else r[key] for r in rows
+            if r["method"] == method and r["beta"] == beta]
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
+
+
+def matched_kl_table(rows, sft_reward: float) -> str:
+    """Reward of each method interpolated (over its strengths, seed means) at a few KL levels."""
+    methods = sorted({r["method"] for r in rows})
+    points = {m: sorted((_mean_over_seeds(rows, m, b, "kl")[0], _mean_over_seeds(rows, m, b, "reward")[0])
+                        for b in sorted({r["beta"] for r in rows if r["method"] == m})) for m in methods}
+    all_kl = sorted(k for p in points.values() for k, _ in p)
+    levels = sorted({round(all_kl[int(q * (len(all_kl) - 1))], 2) for q in (0.25, 0.5, 0.75)}) if all_kl else []
+    lines = [f"SFT reward: {sft_reward:.3f}. Reward at matched KL (linear interpolation between a method's "
+             "strengths; '-' outside its range):", "",
+             "| method | " + " | ".join(f"KL {k:g}" for k in levels) + " |", "|---" * (len(levels) + 1) + "|"]
+    for m, pts in points.items():
+        cells = []
+        for level in levels:
+            inside = [(k0, r0, k1, r1) for (k0, r0), (k1, r1) in zip(pts, pts[1:]) if k0 <= level <= k1 and k1 > k0]
+            if inside:
+                k0, r0, k1, r1 = inside[0]
+                cells.append(f"{r0 + (r1 - r0) * (level - k0) / (k1 - k0):.3f}")
+            else:
+                cells.append(next((f"{r:.3f}" for k, r in pts if k == level), "-"))
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], out: str) -> list[str]:
+def runs_table(rows) -> str:
+    lines = ["| method | beta | seeds | reward (mean ± sd over seeds) | KL | accuracy raw | accuracy ref-adj | "
+             "step s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in rows}):
+        for beta in sorted({r["beta"] for r in rows if r["method"] == method}):
+            (rw, rs, n), (kl, ks, _) = (_mean_over_seeds(rows, method, beta, k) for k in ("reward", "kl"))
+            acc = _mean_over_seeds(rows, method, beta, "accuracy_raw")[0]
+            adj = _mean_over_seeds(rows, method, beta, "accuracy_reference_adjusted")[0]
+            step = _mean_over_seeds(rows, method, beta, "step_s")[0]
+            rss = _mean_over_seeds(rows, method, beta, "peak_rss_mib")[0]
+            lines.append(f"| {method} | {beta:g} | {n} | {rw:.3f} ± {rs:.3f} | {kl:.2f} ± {ks:.2f} | {acc:.3f} | "
+                         f"{adj:.3f} | {step:.3f} | {rss:.0f} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
-    paths = []
-    for dataset in sorted({r["dataset"] for r in rows}):
-        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-        betas = sorted({r["beta"] for r in rows if r["dataset"] == dataset})
-        for variant in VARIANTS:
-            sel = [r for r in rows if r["dataset"] == dataset and r["variant"] == variant]
-            if not sel:
-                continue
-            accs = [statistics.fmean(r["accuracy"] for r in sel if r["beta"] == b) for b in betas]
-            ax1.plot(betas, accs, marker="o", label=variant)
-            first = min(sel, key=lambda r: (r["beta"], r["seed"]))
-            ax2.plot(first["losses"], label=variant, alpha=0.8)
-        ax1.set_xscale("log")
-        ax1.set_xlabel("beta")
-        ax1.set_ylabel("held-out preference accuracy")
-        ax1.set_title(f"{dataset}: accuracy vs beta")
-        ax2.set_xlabel("step")
-        ax2.set_ylabel("train loss (symlog: distill is a squared loss)")
-        ax2.set_yscale("symlog", linthresh=0.1)
-        ax2.set_title(f"{dataset}: loss curves (seed 0, smallest beta)")
-        ax1.legend(fontsize=7)
-        fig.tight_layout()
-        path = os.path.join(out, f"ablation_{dataset}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    fig = Figure(figsize=(7, 5))
+    ax = fig.add_subplot()
+    for method in sorted({r["method"] for r in rows}):
+        betas = sorted({r["beta"] for r in rows if r["method"] == method})
+        kl = [_mean_over_seeds(rows, method, b, "kl") for b in betas]
+        rw = [_mean_over_seeds(rows, method, b, "reward") for b in betas]
+        ax.errorbar([k[0] for k in kl], [r[0] for r in rw], xerr=[k[1] for k in kl], yerr=[r[1] for r in rw],
+                    marker="o", capsize=3, label=method)
+    ax.set_xlabel("KL(pi || pi_SFT), nats per sample (temperature 1)")
+    ax.set_ylabel("sentiment reward (classifier logit)")
+    ax.set_title("IMDb controlled sentiment: reward vs KL (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def step_report(a, size, methods) -> None:
+    rows = collect(a, size, methods)
+    with open(os.path.join(a.out, "sft", "eval_test", "eval.json")) as f:
+        sft_reward = json.load(f)["sampling"]["temperature_1"]["reward"]["mean"]
+    with open(os.path.join(a.out, "ablation.json"), "w") as f:
+        json.dump({"size": size, "rows": rows, "sft_reward": sft_reward}, f, indent=2)
+    report = runs_table(rows) + "\n\n" + matched_kl_table(rows, sft_reward) if rows else "no finished runs"
+    with open(os.path.join(a.out, "ablation.md"), "w") as f:
+        f.write(report + "\n")
+    if rows:
+        plot_frontier(rows, os.path.join(a.out, "frontier.png"))
+    print(report)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="ablation")
-    parser.add_argument("--datasets", default="tutor,shp")
-    parser.add_argument("--variants", default="")
-    parser.add_argument("--betas", default="0.01,0.1,0.5,1.0")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--sft_steps", type=int, default=150)
-    parser.add_argument("--replot", action="store_true", help="redo the table and plots from <out>/ablation.json")
-    args = parser.parse_args()
-    os.makedirs(args.out, exist_ok=True)
-    if args.replot:
-        with open(os.path.join(args.out, "ablation.json")) as f:
-            rows = json.load(f)["rows"]
-    else:
-        rows = run_grid(args)
-        with open(os.path.join(args.out, "ablation.json"), "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
-    print(summarize(rows))
-    print("plots:", ", ".join(plot(rows, args.out)))
+    parser.add_argument("--task", default="imdb_sentiment", choices=["imdb_sentiment"])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "imdb"),
+                        help="folder with train.csv.gz and test_public.csv.gz")
+    parser.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (minutes)")
+    parser.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--until", default="report", choices=["reward", "sft", "pairs", "runs", "evaluate", "report"])
+    a = parser.parse_args()
+    a.train_csv, a.test_csv = (os.path.join(a.data, f) for f in ("train.csv.gz", "test_public.csv.gz"))
+    for path in (a.train_csv, a.test_csv):
+        if not os.path.exists(path):
+            raise SystemExit(f"error: {path} not found (pass --data=DIR holding the IMDb CSVs)")
+    size = QUICK if a.quick else FULL
+    methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else tuple(METHODS))
+    os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
+    steps = {"reward": lambda: step_reward(a, size), "sft": lambda: step_sft(a, size),
+             "pairs": lambda: step_pairs(a, size), "runs": lambda: step_runs(a, size, methods),
+             "evaluate": lambda: step_evaluate(a, size, methods), "report": lambda: step_report(a, size, methods)}
+    for name, fn in steps.items():
+        t = time.perf_counter()
+        print(f"== {name}", flush=True)
+        fn()
+        print(f"== {name} done in {time.perf_counter() - t:.0f} s", flush=True)
+        if name == a.until:
+            break
 
 
 if __name__ == "__main__":

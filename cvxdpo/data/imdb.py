@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import gzip
 import os
 import random
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ def from_csv(path: str, split: str | None = None, strict: bool = False) -> tuple
         _check_split(split)
     bad = BadRows(strict)
     reviews = []
-    with open(path, newline="", encoding="utf-8", errors="strict") as f:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8", errors="strict") as f:
         reader = csv.DictReader(f)
         missing = {"text", "label"} - set(reader.fieldnames or ())
         if missing:
@@ -109,9 +111,9 @@ def load_reviews(source: str, split: str = "train", strict: bool = False,
         return from_hub(cache_dir or os.path.join(os.getcwd(), ".cache"), split, strict)
     if os.path.isdir(source):
         return from_acl_directory(source, split, strict)
-    if source.endswith(".csv"):
+    if source.endswith((".csv", ".csv.gz")):
         return from_csv(source, split, strict)
-    raise MissingFileError(f"IMDb source {source!r} is neither a .csv file, an aclImdb directory, nor 'hub'")
+    raise MissingFileError(f"IMDb source {source!r} is neither a .csv(.gz) file, an aclImdb directory, nor 'hub'")
 
 
 def sft_examples(reviews: Sequence[Review]) -> list[Pair]:

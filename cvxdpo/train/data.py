@@ -60,7 +60,10 @@ def load_sources(c, tokenizer: Tokenizer | None, cache_dir: str):
                 shp.SHPSource(eval_root, d.eval_split, d.domains, cap, strict=strict))
     if d.source == "imdb":
         train, _ = imdb.load_reviews(_need_path(c), d.split, strict, cache_dir)
-        held, _ = imdb.load_reviews(d.eval_path or d.path, d.eval_split, strict, cache_dir)
+        if d.eval_path or d.path == "hub" or os.path.isdir(d.path):
+            held, _ = imdb.load_reviews(d.eval_path or d.path, d.eval_split, strict, cache_dir)
+        else:  # one CSV: hold out a hash split of its reviews (never the file's own test rows)
+            train, held = (list(part) for part in split_by_hash(train, d.eval_fraction, key=lambda i: train[i].text))
         if c.train.method == "sft":
             return imdb.sft_examples(train), imdb.sft_examples(held)
         return (imdb.labeled_pairs(train, tokenizer, c.train.seed), imdb.labeled_pairs(held, tokenizer, c.train.seed))
@@ -94,9 +97,9 @@ def load_data(c, workdir: str) -> tuple[Tokenizer, object, object]:
     tokenizer = load_tokenizer(c.tokenizer.spec) if c.tokenizer.spec != "train" else _saved_tokenizer(c, workdir)
     if tokenizer is not None:
         return (tokenizer, *load_sources(c, tokenizer, cache_dir))
-    if c.data.source == "imdb":
-        raise ConfigError("tokenizer.spec='train' is not supported for IMDb (its prompts are token prefixes); "
-                          "use 'gpt2'")
+    if c.data.source == "imdb" and c.train.method != "sft":
+        raise ConfigError("tokenizer.spec='train' for IMDb pairs needs the SFT run's tokenizer (its prompts are "
+                          "token prefixes): set train.init_from to that run")
     train, held_out = load_sources(c, None, cache_dir)
     texts = (t for p in itertools.islice(iter(train), BPE_TRAINING_TEXTS)
              for t in (p.prompt, p.chosen, p.rejected or "") if t)
