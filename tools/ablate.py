@@ -42,7 +42,7 @@ STRENGTHS = {  # loss.beta per method: each method's own range
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
 }
 FULL = dict(seeds=(0, 1, 2), strengths=3, reward_rows=0, sft_steps=1500, train_prefixes=2000, valid_prefixes=100,
-            test_prefixes=300, steps=300, eval_prompts=150, samples=2, max_new_tokens=40)
+            test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
 QUICK = dict(seeds=(0,), strengths=1, reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
 QUICK_METHODS = ("dpo", "convex_margin")
