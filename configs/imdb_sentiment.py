@@ -23,6 +23,10 @@ METHODS = {  # in the order the ablation runs them (the controls and the cheapes
     "convex_distill": {"train.method": "dpo_convex", "signal.name": "distill"},
     "convex_soft_label": {"train.method": "dpo_convex", "signal.name": "soft_label"},
     "dpo_precomputed": {"train.method": "dpo", "loss.name": "sigmoid", "train.reference": "precomputed"},
+    # Controls of convex_margin (same budget): does the convex anchor matter? See cvxdpo/train/anchor.py.
+    "convex_margin_linear": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.probe": "linear"},
+    "convex_margin_shuffled": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.control": "shuffled"},
+    "convex_margin_constant": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.control": "constant"},
 }
 MAX_LENGTH = 64  # review openings: a 2-8 token prefix and its continuation
 

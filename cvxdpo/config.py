@@ -106,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.anchor.reg = 0.01
     c.anchor.loss = "logistic"
     c.anchor.admm_iters = 100
+    c.anchor.probe = "convex"  # convex (gated ReLU network) | linear (logistic regression, a control)
+    c.anchor.control = "none"  # none | shuffled (m permuted over the batch's pairs) | constant (batch mean |m|)
     return c
 
 

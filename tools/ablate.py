@@ -10,9 +10,10 @@ output exists is skipped, so a rerun after a stop continues where it stopped):
   3. pairs     2-8 token prefixes of train reviews, 4 SFT samples each, scored by the reward, all 6 ordered
                pairs (ties dropped): train_pairs.jsonl, valid_pairs.jsonl (other train reviews) and
                test_pairs.jsonl (prefixes of the public test reviews)
-  4. runs      launch.train configs/imdb_sentiment.py:METHOD for every method x strength (loss.beta) x seed
-  5. evaluate  launch.evaluate of every run (and the SFT model) on test_pairs.jsonl against the SFT model:
-               reward and KL(pi || pi_SFT) of samples at temperature 1, held-out pair accuracies
+  4. runs      launch.train configs/imdb_sentiment.py:METHOD for every method x strength (loss.beta) x seed,
+               each followed by launch.evaluate on test_pairs.jsonl against the SFT model: reward and
+               KL(pi || pi_SFT) of samples at temperature 1, held-out pair accuracies
+  5. evaluate  the same evaluation of the SFT model (and of any run not evaluated yet)
   6. report    ablation.json, frontier.png (reward against KL, seeds as intervals) and a markdown table of
                reward at matched KL
 The grid is ordered seed-major, so a run stopped early still holds every method at its first seed.
@@ -40,6 +41,7 @@ STRENGTHS = {  # loss.beta per method: each method's own range
     "dpo": (0.05, 0.1, 0.5), "dpo_precomputed": (0.1,), "reference_free": (0.05, 0.1, 0.5),
     "ipo": (0.1, 0.5, 1.0), "simpo": (1.0, 2.0, 2.5), "convex_margin": (0.05, 0.1, 0.5),
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
+    **{f"convex_margin_{control}": (0.05, 0.1, 0.5) for control in ("linear", "shuffled", "constant")},
 }
 FULL = dict(seeds=(0, 1, 2), strengths=3, reward_rows=0, sft_steps=1500, train_prefixes=2000, valid_prefixes=100,
             test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
@@ -177,8 +179,9 @@ def step_runs(a, size, methods) -> None:
                      "--config.train.progress=false"], os.path.join(a.out, "runs", f"{run_name(method, beta, seed)}.log"))
         with open(os.path.join(workdir, "usage.json"), "w") as f:
             json.dump(usage, f)
-        print(f"[{k}/{len(cells)}] trained {run_name(method, beta, seed)} in {time.perf_counter() - t:.0f} s",
-              flush=True)
+        evaluate(a, size, workdir)  # right away, so that a stopped grid leaves evaluated runs behind
+        print(f"[{k}/{len(cells)}] trained and evaluated {run_name(method, beta, seed)} in "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
 
 
 def evaluate(a, size, model_dir: str) -> bool:
@@ -314,7 +317,8 @@ def main():
                         help="folder with train.csv.gz and test_public.csv.gz")
     parser.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (minutes)")
     parser.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
-    parser.add_argument("--until", default="report", choices=["reward", "sft", "pairs", "runs", "evaluate", "report"])
+    parser.add_argument("--steps", default="reward,sft,pairs,runs,evaluate,report",
+                        help="which steps to run, in order (e.g. 'evaluate,report' for a report of the runs so far)")
     a = parser.parse_args()
     a.train_csv, a.test_csv = (os.path.join(a.data, f) for f in ("train.csv.gz", "test_public.csv.gz"))
     for path in (a.train_csv, a.test_csv):
@@ -326,13 +330,11 @@ def main():
     steps = {"reward": lambda: step_reward(a, size), "sft": lambda: step_sft(a, size),
              "pairs": lambda: step_pairs(a, size), "runs": lambda: step_runs(a, size, methods),
              "evaluate": lambda: step_evaluate(a, size, methods), "report": lambda: step_report(a, size, methods)}
-    for name, fn in steps.items():
+    for name in a.steps.split(","):
         t = time.perf_counter()
         print(f"== {name}", flush=True)
-        fn()
+        steps[name]()
         print(f"== {name} done in {time.perf_counter() - t:.0f} s", flush=True)
-        if name == a.until:
-            break
 
 
 if __name__ == "__main__":

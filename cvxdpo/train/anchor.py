@@ -17,6 +17,28 @@ of m over the buffer's pairs (`margin_scale`): dividing by it
 (`signal.scale = "standardized"`) makes m O(1) whatever the features' scale,
 so that the loss's `gamma` has one meaning. Everything here is a few small
 arrays: no second copy of the policy.
+
+Controls, which decide whether the convex anchor matters (same features,
+buffer, refits and budget; each one config option):
+
+- `probe = "linear"`: logistic regression instead of the gated ReLU network.
+  It is the same model and solver with one gate vector h = 0, whose mask
+  1[x.h >= 0] is 1 on every row, so f(x) = x.w. The group-lasso penalty
+  `penalty * sum_i ||w_i||_2` of one group is `penalty * ||w||_2`: an L2
+  penalty on the norm itself (not squared), whose solutions are ridge
+  logistic regression's regularization path under another parametrization
+  (and exactly 0 once `penalty >= ||X^T y|| / 2`). `num_gates` is unused.
+- `control = "shuffled"`: the margins of a batch's pairs permuted among those
+  pairs, a fresh permutation each step keyed by the train state's seed and
+  step (so a resumed run draws the same one): the same values, no per-pair
+  information.
+- `control = "constant"`: every pair's margin replaced by the batch's mean
+  |m|, a positive SimPO-like target of the anchor's size.
+
+Both controls act on m as it enters the loss, after `signal.scale`, so they
+have exactly the real anchor's scale; padding pairs (weight 0) neither give
+nor receive a margin. With `train.micro_batches > 1` the objective sees one
+micro-batch at a time, and the controls act within each micro-batch.
 """
 
 from __future__ import annotations
@@ -32,6 +54,9 @@ from cvxdpo.convex import gated_relu as gr
 from cvxdpo.errors import ConfigError
 
 VARIANCE_FLOOR = 1e-6  # added to a feature's variance: a constant feature standardizes to 0, not to NaN
+PROBES = ("convex", "linear")
+CONTROLS = ("none", "shuffled", "constant")
+SHUFFLE_STREAM = 1  # folded into the train state's key, so the shuffle's draws are its own
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,10 +64,12 @@ class AnchorConfig:
     dim: int = 32  # feature dimension after the random projection
     buffer: int = 256  # pairs kept for the refit
     refresh_every: int = 10  # steps between refits
-    num_gates: int = 16
+    num_gates: int = 16  # gates of the convex probe (the linear probe has one, h = 0)
     reg: float = 0.01  # group-lasso strength per buffer row (see `penalty`)
     loss: str = "logistic"
     admm_iters: int = 100  # ADMM iterations per refit (warm-started)
+    probe: str = "convex"  # convex (gated ReLU network) | linear (logistic regression), see the module docstring
+    control: str = "none"  # none | shuffled | constant: what replaces m in the loss, see the module docstring
 
     def __post_init__(self):
         for name in ("dim", "buffer", "refresh_every", "num_gates", "admm_iters"):
@@ -50,8 +77,9 @@ class AnchorConfig:
                 raise ConfigError(f"anchor.{name} must be positive, got {getattr(self, name)}")
         if self.reg <= 0:
             raise ConfigError(f"anchor.reg must be positive, got {self.reg}")
-        if self.loss not in gr.LOSSES:
-            raise ConfigError(f"anchor.loss={self.loss!r} is not one of {', '.join(gr.LOSSES)}")
+        for name, options in (("loss", gr.LOSSES), ("probe", PROBES), ("control", CONTROLS)):
+            if getattr(self, name) not in options:
+                raise ConfigError(f"anchor.{name}={getattr(self, name)!r} is not one of {', '.join(options)}")
 
     @property
     def penalty(self) -> float:
@@ -68,7 +96,7 @@ class AnchorState:
     projection: jax.Array  # (E, dim) fixed
     buffer: jax.Array  # (2 * buffer, dim) raw projected features, rows [c_0, r_0, c_1, r_1, ...]
     pairs_seen: jax.Array  # () pairs written into the buffer so far
-    gates: jax.Array  # (dim, num_gates) fixed
+    gates: jax.Array  # (dim, num_gates) fixed; (dim, 1) zeros for the linear probe
     admm: admm.ADMMState
     center: jax.Array  # (dim,) the buffer's feature mean at the last refit
     spread: jax.Array  # (dim,) the buffer's feature standard deviation at the last refit
@@ -77,6 +105,14 @@ class AnchorState:
 
 
 FIT_KEYS = ("objective", "accuracy", "primal_residual", "dual_residual", "duality_gap", "iterations")
+
+
+def _gates(cfg: AnchorConfig, seed: int, dtype) -> jax.Array:
+    """The probe's gate vectors as columns: random for the convex network; for the linear probe one zero
+    vector, whose mask 1[x.0 >= 0] is 1 on every row, so the same solver fits f(x) = x.w."""
+    if cfg.probe == "linear":
+        return jnp.zeros((cfg.dim, 1), dtype)
+    return gr.sample_gates(seed, cfg.dim, cfg.num_gates, dtype)
 
 
 def init(cfg: AnchorConfig, n_embd: int, seed: int) -> AnchorState:
@@ -88,10 +124,11 @@ def init(cfg: AnchorConfig, n_embd: int, seed: int) -> AnchorState:
     f32 = jnp.float32
     projection = jax.random.normal(key, (n_embd, cfg.dim), f32) / jnp.sqrt(n_embd)
     rows = 2 * cfg.buffer
+    gates = _gates(cfg, seed + 1, f32)
     return AnchorState(
         projection=projection, buffer=jnp.zeros((rows, cfg.dim), f32), pairs_seen=jnp.zeros((), jnp.int32),
-        gates=gr.sample_gates(seed + 1, cfg.dim, cfg.num_gates, f32),
-        admm=_without_slack(admm.init_state(rows, cfg.dim, cfg.num_gates, "gated", cfg.admm_config().rho, f32)),
+        gates=gates,
+        admm=_without_slack(admm.init_state(rows, cfg.dim, gates.shape[1], "gated", cfg.admm_config().rho, f32)),
         center=jnp.zeros((cfg.dim,), f32), spread=jnp.ones((cfg.dim,), f32), margin_scale=jnp.ones((), f32),
         fit={k: jnp.zeros((), f32) for k in FIT_KEYS})
 
@@ -156,7 +193,7 @@ def refit(state: AnchorState, cfg: AnchorConfig) -> AnchorState:
     X = standardize(state, state.buffer)
     y = labels(cfg, X.dtype)
     M = gr.masks(X, state.gates)
-    signs = jnp.ones((cfg.num_gates,), X.dtype)
+    signs = jnp.ones((state.gates.shape[1],), X.dtype)
     prob = admm.Problem(X, y, M, signs, jnp.zeros((0, 0), X.dtype), admm.block_weight(X, M))
     empty = jnp.zeros((X.shape[0], 0), X.dtype)
     new, info = admm.solve_local(prob, state.admm._replace(s=empty, nu=empty), cfg.admm_config())
@@ -179,3 +216,32 @@ def update(state: AnchorState, features_Bx2xK: jax.Array, step: jax.Array, cfg: 
                           pairs_seen=state.pairs_seen + B)
     due = ((step + 1) % cfg.refresh_every == 0) & (state.pairs_seen >= cfg.buffer)
     return jax.lax.cond(due, lambda s: refit(s, cfg), lambda s: s, state)
+
+
+def weighted_mean(x_B: jax.Array, weight_B: jax.Array) -> jax.Array:
+    """Mean over a batch's real pairs (padding pairs have weight 0; an all-padding batch gives 0, not NaN)."""
+    return (x_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1.0)
+
+
+def shuffle_key(rng: jax.Array, step: jax.Array) -> jax.Array:
+    """The shuffle's key at `step`, from the train state's raw key data: a checkpoint holds both, so a resumed
+    run draws exactly the straight run's permutations."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(rng), SHUFFLE_STREAM), step)
+
+
+def _shuffled(margin_B: jax.Array, weight_B: jax.Array, key: jax.Array) -> jax.Array:
+    """The real pairs' margins in a random order over the real pairs' slots; padding pairs keep their own."""
+    real_B = weight_B > 0
+    sources_B = jnp.argsort(jnp.where(real_B, jax.random.uniform(key, margin_B.shape), 2.0))  # real in random order
+    slots_B = jnp.argsort(~real_B, stable=True)  # real in batch order, then padding (in order on both sides)
+    return margin_B.at[slots_B].set(margin_B[sources_B])
+
+
+def control(cfg: AnchorConfig, margin_B: jax.Array, weight_B: jax.Array, key: jax.Array) -> jax.Array:
+    """The margin that enters the loss under `cfg.control` (see the module docstring), from the margin on the
+    loss's scale; `key` (from `shuffle_key`) is used by "shuffled" only."""
+    if cfg.control == "shuffled":
+        return _shuffled(margin_B, weight_B, key)
+    if cfg.control == "constant":
+        return jnp.full_like(margin_B, weighted_mean(jnp.abs(margin_B), weight_B))
+    return margin_B

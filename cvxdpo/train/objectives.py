@@ -110,10 +110,6 @@ class DPOObjective(Objective):
         return {**losses.preference_metrics(terms, batch["weight"]), "tokens": (terms["tokens"] * batch["weight"]).sum()}
 
 
-def _weighted_mean(x_B: jax.Array, weight_B: jax.Array) -> jax.Array:
-    return (x_B * weight_B).sum() / jnp.maximum(weight_B.sum(), 1.0)
-
-
 @dataclasses.dataclass(frozen=True)
 class DPOConvexObjective(DPOObjective):
     """DPO without a reference: the anchor is the margin of a convex network on the policy's own features."""
@@ -124,18 +120,24 @@ class DPOConvexObjective(DPOObjective):
     def init_extra(self, n_embd: int, seed: int) -> anchor.AnchorState:
         return anchor.init(self.anchor_cfg, n_embd, seed)
 
-    def _anchor_margin(self, extra: anchor.AnchorState, features_Bx2xK: jax.Array) -> jax.Array:
-        """The classifier's margin as it enters the loss: divided by its buffer RMS when `signal.scale` says so."""
+    def classifier_margin(self, extra: anchor.AnchorState, features_Bx2xK: jax.Array) -> jax.Array:
+        """The classifier's margin on the loss's scale: divided by its buffer RMS when `signal.scale` says so."""
         margin_B = anchor.margin(extra, features_Bx2xK)
         return margin_B / extra.margin_scale if self.signal.scale == "standardized" else margin_B
+
+    def loss_margin(self, state, margin_B: jax.Array, weight_B: jax.Array) -> jax.Array:
+        """The margin that enters the loss: the classifier's, or its `anchor.control` on the same scale, drawn
+        from the train state's key and step (deterministic, so resume stays exact)."""
+        return anchor.control(self.anchor_cfg, margin_B, weight_B, anchor.shuffle_key(state.rng, state.step))
 
     def terms(self, graphdef, params, state, batch) -> dict:
         logps_Bx2, counts_Bx2, hidden_2BxLxE = pair_forward(graphdef, params, batch)
         features_Bx2xK = anchor.pool(hidden_2BxLxE, batch["loss_mask"], state.extra.projection)
-        margin_B = self._anchor_margin(state.extra, features_Bx2xK)
+        classifier_B = self.classifier_margin(state.extra, features_Bx2xK)
+        margin_B = self.loss_margin(state, classifier_B, batch["weight"])
         terms = losses.convex_signal_terms(logps_Bx2, counts_Bx2, margin_B, self.loss.beta, self.signal)
         return {**terms, **_lengths(counts_Bx2), "loss": terms["loss"] * batch["weight"],
-                "features": features_Bx2xK, "margin": margin_B}
+                "features": features_Bx2xK, "margin": margin_B, "classifier_margin": classifier_B}
 
     def update_extra(self, state, terms: dict, batch) -> tuple:
         """Advance the anchor (buffer, refit) and log what it did this step.
@@ -143,22 +145,23 @@ class DPOConvexObjective(DPOObjective):
         Besides the last refit's diagnostics: `convex/margin` (mean m as it entered the loss),
         `convex/weight_change_mean` and `convex/weight_change_p90` (mean and 90th percentile over the batch of
         |w(m) - w(0)|, see cvxdpo.losses), `convex/anchor_to_policy` (mean |anchor term| / mean |beta D|),
-        `convex/heldout_accuracy` (the fraction of the batch's pairs with m > 0, before the batch enters the
-        buffer: pairs the classifier was not fitted on) and `convex/margin_scale` (the buffer RMS m is divided
-        by when standardized).
+        `convex/heldout_accuracy` (the fraction of the batch's pairs with classifier margin > 0, before the
+        batch enters the buffer: pairs the classifier was not fitted on; under a control, still the classifier's)
+        and `convex/margin_scale` (the buffer RMS m is divided by when standardized).
         """
         new = anchor.update(state.extra, terms["features"], state.step, self.anchor_cfg)
         weight_B = batch["weight"]
         policy_B = terms["rewards_chosen"] - terms["rewards_rejected"]
         change_B = terms["anchor_weight_change"]
+        correct_B = (terms["classifier_margin"] > 0).astype(jnp.float32)
         metrics = {f"convex/{k}": v for k, v in new.fit.items()}
         metrics.update({
-            "convex/margin": _weighted_mean(terms["margin"], weight_B),
-            "convex/weight_change_mean": _weighted_mean(change_B, weight_B),
+            "convex/margin": anchor.weighted_mean(terms["margin"], weight_B),
+            "convex/weight_change_mean": anchor.weighted_mean(change_B, weight_B),
             "convex/weight_change_p90": jnp.nanpercentile(jnp.where(weight_B > 0, change_B, jnp.nan), 90),
-            "convex/anchor_to_policy": _weighted_mean(jnp.abs(terms["anchor_term"]), weight_B)
-            / jnp.maximum(_weighted_mean(jnp.abs(policy_B), weight_B), 1e-12),
-            "convex/heldout_accuracy": _weighted_mean((terms["margin"] > 0).astype(jnp.float32), weight_B),
+            "convex/anchor_to_policy": anchor.weighted_mean(jnp.abs(terms["anchor_term"]), weight_B)
+            / jnp.maximum(anchor.weighted_mean(jnp.abs(policy_B), weight_B), 1e-12),
+            "convex/heldout_accuracy": anchor.weighted_mean(correct_B, weight_B),
             "convex/margin_scale": new.margin_scale})
         return new, metrics
 
