@@ -16,8 +16,10 @@ bootstrap intervals over prompts (pairs that share a conversation, post or promp
 import json
 import os
 
+import jax
 import numpy as np
 from absl import flags
+from flax import nnx
 
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.data import hh, imdb, jsonl, pipeline, shp, tutor
@@ -91,8 +93,8 @@ def load_model(spec: str, mesh):
 def score_pairs(policy, reference, pairs, tokenizer, mesh) -> dict:
     """Per-pair log-probs and lengths under the policy (and the reference)."""
     tok_cfg = pipeline.TokenizeConfig(max_length=MAX_LENGTH.value, max_prompt_length=MAX_PROMPT.value)
-    graphdef, params = objectives.nnx.split(policy)
-    ref_params = None if reference is None else objectives.nnx.split(reference)[1]
+    graphdef, params = nnx.split(policy)
+    ref_params = None if reference is None else nnx.split(reference)[1]
 
     def forward(batch):
         logps, counts, _ = objectives.pair_forward(graphdef, params, batch)
@@ -103,7 +105,7 @@ def score_pairs(policy, reference, pairs, tokenizer, mesh) -> dict:
             out.update(ref_logps_chosen=ref[:, 0], ref_logps_rejected=ref[:, 1])
         return out
 
-    return evaluation.per_example(evaluation.jax.jit(forward), pairs, tokenizer, tok_cfg, BATCH.value, mesh)
+    return evaluation.per_example(jax.jit(forward), pairs, tokenizer, tok_cfg, BATCH.value, mesh)
 
 
 def sampling_report(policy, reference, tokenizer, pairs, mesh) -> dict:
@@ -177,7 +179,7 @@ def evaluate(mesh) -> dict:
               "data": {"source": SOURCE.value, "path": DATA_PATH.value, "split": SPLIT.value, "seed": SEED.value,
                        "max_pairs": MAX_PAIRS.value},
               "n_skipped": int(sum(skipped.values())), "skipped": skipped,
-              **evaluation.pair_report(tables, pairs, BETA.value, SEED.value)}
+              **evaluation.pair_report(tables, evaluation.pair_keys(pairs), BETA.value, SEED.value)}
     if SAMPLES.value:
         result["sampling"] = sampling_report(policy, reference, tokenizer, pairs, mesh)
     if SURVEY.value:

@@ -11,6 +11,8 @@ for any saved model.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -24,15 +26,24 @@ SHP_RATIO_EDGES = (2.0, 3.0, 5.0, 10.0, float("inf"))  # SHP keeps pairs with a 
 CLUSTER_KEYS = ("sample_id", "post_id", "review")  # a conversation, an SHP post, an IMDb review
 
 
-def cluster_ids(source) -> np.ndarray:
-    """Which pairs share a prompt's context (resampled together by the bootstrap): the conversation, post or
-    review a pair came from when its source records one, else the prompt text."""
-    keys = []
+class PairKeys(NamedTuple):
+    """What the report needs of a source's pairs besides their log-probs, read once per source."""
+
+    clusters: np.ndarray  # which pairs share a prompt's context (resampled together by the bootstrap)
+    score_ratios: list | None  # SHP's score ratio per pair, or None for sources without one
+
+
+def pair_keys(source) -> PairKeys:
+    """Clusters are the conversation, post or review a pair came from when its source records one, else the
+    prompt text."""
+    keys, ratios = [], []
     for k in range(len(source)):
         pair = source[k]
         found = next((f"{name}={pair.meta[name]}" for name in CLUSTER_KEYS if name in pair.meta), None)
         keys.append(found or f"prompt={pair.prompt}")
-    return np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1]
+        ratios.append(pair.meta.get("score_ratio"))
+    clusters = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)[1]
+    return PairKeys(clusters, ratios if all(r is not None for r in ratios) else None)
 
 
 def _gather(x) -> np.ndarray:
@@ -57,10 +68,10 @@ def per_example(fn, source, tokenizer, tok_cfg: pipeline.TokenizeConfig, batch_s
     return tables
 
 
-def pair_report(tables: dict, source, beta: float = 1.0, seed: int = 0) -> dict:
+def pair_report(tables: dict, keys: PairKeys, beta: float = 1.0, seed: int = 0) -> dict:
     """The held-out report of per-pair tables (`logps_chosen`, `logps_rejected`, `lengths_chosen`,
     `lengths_rejected`, optional `ref_logps_chosen`/`ref_logps_rejected`)."""
-    clusters = cluster_ids(source)
+    clusters = keys.clusters
     report = metrics_lib.pair_metrics(
         tables["logps_chosen"], tables["logps_rejected"], tables["lengths_chosen"], tables["lengths_rejected"],
         clusters, tables.get("ref_logps_chosen"), tables.get("ref_logps_rejected"), beta=beta, seed=seed)
@@ -68,10 +79,9 @@ def pair_report(tables: dict, source, beta: float = 1.0, seed: int = 0) -> dict:
     lengths = (tables["lengths_chosen"] + tables["lengths_rejected"]) / 2
     report["accuracy_by_length"] = metrics_lib.binned_accuracy(correct, lengths, metrics_lib.quantile_edges(lengths),
                                                                clusters, seed)
-    ratios = [source[k].meta.get("score_ratio") for k in range(len(source))]
-    if all(r is not None for r in ratios):
-        report["accuracy_by_score_ratio"] = metrics_lib.binned_accuracy(correct, ratios, SHP_RATIO_EDGES, clusters,
-                                                                        seed)
+    if keys.score_ratios is not None:
+        report["accuracy_by_score_ratio"] = metrics_lib.binned_accuracy(correct, keys.score_ratios, SHP_RATIO_EDGES,
+                                                                        clusters, seed)
     return report
 
 
@@ -94,6 +104,7 @@ class Evaluator:
         self.step = step_lib.make_eval_step(objective, graphdef, mesh, shardings)
         self.mesh, self.source, self.tokenizer, self.tok_cfg = mesh, source, tokenizer, tok_cfg
         self.batch_size, self.mode, self.ref_logps, self.beta, self.seed = batch_size, mode, ref_logps, beta, seed
+        self.keys = None  # the held-out pairs' clusters and score ratios, read at the first evaluation
 
     def __call__(self, state) -> dict:
         t = per_example(lambda batch: self.step(state, batch), self.source, self.tokenizer, self.tok_cfg,
@@ -104,5 +115,7 @@ class Evaluator:
         row = {"loss": t["loss"].mean(), "rewards/chosen": rewards_c.mean(), "rewards/rejected": rewards_r.mean(),
                "rewards/accuracies": (rewards_c > rewards_r).mean(), "rewards/margins": (rewards_c - rewards_r).mean(),
                "preference_accuracy": (t["logps_chosen"] > t["logps_rejected"]).mean()}
-        row.update(flatten(pair_report(t, self.source, self.beta, self.seed)))
+        if self.keys is None:
+            self.keys = pair_keys(self.source)
+        row.update(flatten(pair_report(t, self.keys, self.beta, self.seed)))
         return {k: float(v) for k, v in row.items()}
