@@ -27,6 +27,7 @@ METHODS = {  # in the order the ablation runs them (the controls and the cheapes
     "convex_margin_linear": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.probe": "linear"},
     "convex_margin_shuffled": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.control": "shuffled"},
     "convex_margin_constant": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.control": "constant"},
+    "convex_margin_frozen": {"train.method": "dpo_convex", "signal.name": "margin", "anchor.features": "frozen"},
 }
 MAX_LENGTH = 64  # review openings: a 2-8 token prefix and its continuation
 
@@ -43,7 +44,7 @@ def get_config(stage: str = "sft"):
     c.data.update(path="", max_length=MAX_LENGTH, max_prompt_length=16, truncation="keep_start", eval_fraction=0.02)
     c.train.update(optimizer="adamw", warmup_steps=50, log_every=10, checkpoint_every=200, progress=True)
     if stage == "sft":
-        c.train.update(method="sft", batch_size=32, steps=1500, learning_rate=2e-3, eval_every=500)
+        c.train.update(method="sft", batch_size=32, steps=3000, learning_rate=2e-3, eval_every=500, schedule="cosine")
         return c
     c.data.update(source="jsonl")
     c.train.update(batch_size=32, steps=150, learning_rate=1e-4, eval_every=10**6)

@@ -66,6 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.optimizer = "rmsprop"
     c.train.learning_rate = 5e-7
     c.train.warmup_steps = 150
+    c.train.schedule = "constant"  # after warm-up: "constant" or "cosine" (to a tenth of the peak at train.steps)
     c.train.weight_decay = 0.0
     c.train.grad_clip = 10.0
     c.train.batch_size = 64
@@ -108,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.anchor.admm_iters = 100
     c.anchor.probe = "convex"  # convex (gated ReLU network) | linear (logistic regression, a control)
     c.anchor.control = "none"  # none | shuffled (m permuted over the batch's pairs) | constant (batch mean |m|)
+    c.anchor.features = "policy"  # policy | frozen (the starting model's hidden states: a frozen copy, a control)
     return c
 
 
@@ -126,6 +128,7 @@ def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     _choice(c.model.dtype, DTYPES, "model.dtype")
     _choice(c.train.reference_dtype, DTYPES, "train.reference_dtype")
     _choice(c.model.init, ("pretrained", "scratch"), "model.init")
+    _choice(c.train.schedule, ("constant", "cosine"), "train.schedule")
     if c.train.method == "dpo_convex" and c.anchor.buffer % c.train.batch_size:
         raise ConfigError(f"anchor.buffer={c.anchor.buffer} must be a multiple of train.batch_size={c.train.batch_size}")
     for name in ("batch_size", "micro_batches", "steps", "log_every", "eval_every", "checkpoint_every",

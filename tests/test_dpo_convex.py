@@ -148,6 +148,27 @@ def test_resume_is_exact_with_the_convex_state(tmp_path, pairs, controls):
     assert np.array_equal(entered, classifier) == (controls.get("control", "none") == "none")
 
 
+def test_frozen_features_read_the_starting_model_while_the_policy_moves(tmp_path, pairs):
+    """`anchor.features = "frozen"`: the buffer holds the starting model's features. They must equal those a
+    policy that does not move writes (a run at a negligible learning rate, same data and seed), while this
+    run's own policy moves; with policy features the buffer differs."""
+    def buffer_after(workdir, lr, features):
+        c = _config(pairs, steps=4, learning_rate=lr, warmup_steps=1)
+        c.anchor.features = features
+        trainer = Trainer(c, str(tmp_path / workdir))
+        start = [np.asarray(p) for p in jax.tree.leaves(trainer.state.params)]
+        trainer.run()
+        moved = max(float(np.abs(np.asarray(p) - q).max()) for p, q in zip(jax.tree.leaves(trainer.state.params), start))
+        return np.asarray(trainer.state.extra.buffer), moved, trainer.state.ref_params
+
+    still, still_moved, _ = buffer_after("still", 1e-12, "policy")
+    frozen, frozen_moved, ref = buffer_after("frozen", 3e-2, "frozen")
+    policy, _, no_ref = buffer_after("policy", 3e-2, "policy")
+    assert still_moved < 1e-9 < 1e-3 < frozen_moved and ref is not None and no_ref is None
+    np.testing.assert_allclose(frozen, still, rtol=1e-5, atol=1e-6)
+    assert np.abs(policy - still).max() > 1e-3
+
+
 def _logistic_regression(X, y, penalty):
     """argmin_w sum_j log(1 + exp(-y_j x_j.w)) + penalty * ||w||_2 by cvxpy + Clarabel: (w, optimum)."""
     w = cp.Variable(X.shape[1])

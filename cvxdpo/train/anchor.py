@@ -34,6 +34,10 @@ buffer, refits and budget; each one config option):
   information.
 - `control = "constant"`: every pair's margin replaced by the batch's mean
   |m|, a positive SimPO-like target of the anchor's size.
+- `features = "frozen"`: the same probe on the frozen starting model's hidden
+  states instead of the policy's. It needs what DPO's frozen reference needs (a
+  parameter copy and one more forward pass per step), so it asks whether the
+  anchor works better on features that do not drift with the policy.
 
 Both controls act on m as it enters the loss, after `signal.scale`, so they
 have exactly the real anchor's scale; padding pairs (weight 0) neither give
@@ -56,6 +60,7 @@ from cvxdpo.errors import ConfigError
 VARIANCE_FLOOR = 1e-6  # added to a feature's variance: a constant feature standardizes to 0, not to NaN
 PROBES = ("convex", "linear")
 CONTROLS = ("none", "shuffled", "constant")
+FEATURES = ("policy", "frozen")
 SHUFFLE_STREAM = 1  # folded into the train state's key, so the shuffle's draws are its own
 
 
@@ -70,6 +75,7 @@ class AnchorConfig:
     admm_iters: int = 100  # ADMM iterations per refit (warm-started)
     probe: str = "convex"  # convex (gated ReLU network) | linear (logistic regression), see the module docstring
     control: str = "none"  # none | shuffled | constant: what replaces m in the loss, see the module docstring
+    features: str = "policy"  # policy | frozen: whose hidden states the probe reads, see the module docstring
 
     def __post_init__(self):
         for name in ("dim", "buffer", "refresh_every", "num_gates", "admm_iters"):
@@ -77,7 +83,8 @@ class AnchorConfig:
                 raise ConfigError(f"anchor.{name} must be positive, got {getattr(self, name)}")
         if self.reg <= 0:
             raise ConfigError(f"anchor.reg must be positive, got {self.reg}")
-        for name, options in (("loss", gr.LOSSES), ("probe", PROBES), ("control", CONTROLS)):
+        for name, options in (("loss", gr.LOSSES), ("probe", PROBES), ("control", CONTROLS),
+                              ("features", FEATURES)):
             if getattr(self, name) not in options:
                 raise ConfigError(f"anchor.{name}={getattr(self, name)!r} is not one of {', '.join(options)}")
 

@@ -112,7 +112,10 @@ class DPOObjective(Objective):
 
 @dataclasses.dataclass(frozen=True)
 class DPOConvexObjective(DPOObjective):
-    """DPO without a reference: the anchor is the margin of a convex network on the policy's own features."""
+    """DPO without a reference: the anchor is the margin of a convex network on the policy's own features.
+
+    With `anchor.features = "frozen"` (a control) the features come from a frozen copy of the starting model
+    instead, held where DPO holds its reference (`reference = "frozen"`); its log-probs are not used."""
 
     signal: losses.SignalConfig = losses.SignalConfig()
     anchor_cfg: anchor.AnchorConfig = anchor.AnchorConfig()
@@ -132,6 +135,8 @@ class DPOConvexObjective(DPOObjective):
 
     def terms(self, graphdef, params, state, batch) -> dict:
         logps_Bx2, counts_Bx2, hidden_2BxLxE = pair_forward(graphdef, params, batch)
+        if self.anchor_cfg.features == "frozen":
+            _, _, hidden_2BxLxE = pair_forward(graphdef, state.ref_params, batch)
         features_Bx2xK = anchor.pool(hidden_2BxLxE, batch["loss_mask"], state.extra.projection)
         classifier_B = self.classifier_margin(state.extra, features_Bx2xK)
         margin_B = self.loss_margin(state, classifier_B, batch["weight"])
@@ -173,7 +178,9 @@ def build(c) -> Objective:
         return SFTObjective()
     loss = losses.LossConfig(**c.loss.to_dict())
     if method == "dpo_convex":
-        return DPOConvexObjective(loss, signal=losses.SignalConfig(**c.signal.to_dict()),
-                                  anchor_cfg=anchor.AnchorConfig(**c.anchor.to_dict()))
+        anchor_cfg = anchor.AnchorConfig(**c.anchor.to_dict())
+        reference = "frozen" if anchor_cfg.features == "frozen" else "none"
+        return DPOConvexObjective(loss, reference, c.train.reference_dtype,
+                                  signal=losses.SignalConfig(**c.signal.to_dict()), anchor_cfg=anchor_cfg)
     reference = c.train.reference if loss.needs_reference else "none"
     return DPOObjective(loss, reference, c.train.reference_dtype)

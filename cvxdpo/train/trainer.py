@@ -35,8 +35,16 @@ from cvxdpo.train.logs import MetricsWriter, Progress
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """RMSprop as torch has it (the official DPO optimizer) or AdamW, linear warm-up, global-norm clipping."""
-    schedule = optax.warmup_constant_schedule(0.0, t.learning_rate, max(int(t.warmup_steps), 1))
+    """RMSprop as torch has it (the official DPO optimizer) or AdamW, linear warm-up, global-norm clipping.
+
+    `train.schedule="cosine"` decays to a tenth of the peak over `train.steps`: how a from-scratch SFT
+    reaches its plateau within a fixed budget (the preference runs keep the papers' constant rate)."""
+    warmup = max(int(t.warmup_steps), 1)
+    if t.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(0.0, t.learning_rate, warmup, max(int(t.steps), warmup + 1),
+                                                      end_value=t.learning_rate / 10)
+    else:
+        schedule = optax.warmup_constant_schedule(0.0, t.learning_rate, warmup)
     if t.optimizer == "rmsprop":
         opt = optax.rmsprop(schedule, decay=0.99, eps=1e-8, eps_in_sqrt=False)  # torch.optim.RMSprop defaults
     else:
