@@ -1,5 +1,5 @@
-"""The IMDb benchmark pipeline at toy size (`tools/ablate.py --quick`): every step runs, the report holds each
-method, and a rerun redoes nothing."""
+"""The IMDb benchmark pipeline at toy size (`tools/ablate.py --quick`): every step runs, each method trains at
+the learning rate that won on the validation pairs, the report holds each method, and a rerun redoes nothing."""
 
 import json
 import os
@@ -29,7 +29,11 @@ def test_quick_pipeline_runs_every_step_and_resumes(tmp_path, shared_data):
     assert {r["method"] for r in report["rows"]} == {"dpo", "convex_margin"}
     for r in report["rows"]:
         assert r["kl"]["lo"] <= r["kl"]["mean"] <= r["kl"]["hi"] and "mean" in r["reward"]
+    tuned = json.loads((out / "tuned_lr.json").read_text())  # each method at its best validation rate
+    for r in report["rows"]:
+        accuracy = tuned["validation_accuracy"][r["method"]]
+        assert set(accuracy) == {"0.0001", "0.0003"} and accuracy[f"{r['learning_rate']:g}"] == max(accuracy.values())
     assert (out / "frontier.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "] trained and evaluated" in first
     second = _pipeline(out, data)  # resumed: every step finds its output and skips
-    assert "] trained" not in second
+    assert "] trained" not in second and "] evaluated" not in second

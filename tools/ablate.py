@@ -10,13 +10,15 @@ output exists is skipped, so a rerun after a stop continues where it stopped):
   3. pairs     2-8 token prefixes of train reviews, 4 SFT samples each, scored by the reward, all 6 ordered
                pairs (ties dropped): train_pairs.jsonl, valid_pairs.jsonl (other train reviews) and
                test_pairs.jsonl (prefixes of the public test reviews)
-  4. runs      launch.train configs/imdb_sentiment.py:METHOD for every method x strength (loss.beta) x seed,
+  4. tune      each method's learning rate, on the validation pairs (see step_tune): tuned_lr.json
+  5. runs      launch.train configs/imdb_sentiment.py:METHOD for every method x strength (loss.beta) x seed,
                each followed by launch.evaluate on test_pairs.jsonl against the SFT model: reward and
                KL(pi || pi_SFT) of samples at temperature 1, held-out pair accuracies
-  5. evaluate  the same evaluation of the SFT model (and of any run not evaluated yet)
-  6. report    ablation.json, frontier.png (reward against KL, seeds as intervals) and a markdown table of
+  6. evaluate  the same evaluation of the SFT model (and of any run not evaluated yet)
+  7. report    ablation.json, frontier.png (reward against KL, seeds as intervals) and a markdown table of
                reward at matched KL
-The grid is ordered seed-major, so a run stopped early still holds every method at its first seed.
+The grid is ordered seed-major, so a run stopped early still holds every method at its first seed;
+`--jobs` runs (default 2) go side by side, each child on one XLA thread.
 """
 
 from __future__ import annotations
@@ -44,11 +46,15 @@ STRENGTHS = {  # loss.beta per method: each method's own range
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
     **{f"convex_margin_{control}": (0.05, 0.1, 0.5) for control in ("linear", "shuffled", "constant", "frozen")},
 }
-FULL = dict(seeds=(0, 1, 2), strengths=3, reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
+FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(3e-5, 1e-4, 3e-4), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
             test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
-QUICK = dict(seeds=(0,), strengths=1, reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
+QUICK = dict(seeds=(0,), strengths=1, learning_rates=(1e-4, 3e-4), reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
 QUICK_METHODS = ("dpo", "convex_margin")
+# Methods that take their learning rate from another's tuning: the same math (precomputed reference
+# log-probs equal the frozen reference's), or controls that must share DPO-Convex's budget.
+TUNED_WITH = {"dpo_precomputed": "dpo",
+              **{f"convex_margin_{c}": "convex_margin" for c in ("linear", "shuffled", "constant", "frozen")}}
 SAMPLES_PER_PREFIX = 4
 
 
@@ -163,38 +169,46 @@ def step_pairs(a, size) -> None:
         json.dump({"prefixes": {k: len(v) for k, v in splits.items()}, "pairs": counts}, f, indent=2)
 
 
-def grid(size, methods) -> list[tuple[str, float, int]]:
-    return [(m, beta, seed) for seed in size["seeds"] for m in methods for beta in STRENGTHS[m][:size["strengths"]]]
+def strengths(size, method: str) -> tuple[float, ...]:
+    return STRENGTHS[method][:size["strengths"]]
 
 
-def run_name(method: str, beta: float, seed: int) -> str:
-    return f"{method}-beta{beta:g}-seed{seed}"
+def tuned_lr(a, method: str) -> float:
+    with open(os.path.join(a.out, "tuned_lr.json")) as f:
+        return json.load(f)["learning_rate"][TUNED_WITH.get(method, method)]
 
 
-def train_and_evaluate(a, size, method: str, beta: float, seed: int) -> bool:
-    """One cell of the grid: False when it had finished before."""
-    workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
+def grid(a, size, methods) -> list[tuple[str, float, float, int]]:
+    """(method, strength, learning rate, seed) cells, seed-major, at each method's tuned learning rate."""
+    return [(m, beta, tuned_lr(a, m), seed) for seed in size["seeds"] for m in methods for beta in strengths(size, m)]
+
+
+def run_name(method: str, beta: float, lr: float, seed: int) -> str:
+    return f"{method}-beta{beta:g}-lr{lr:g}-seed{seed}"
+
+
+def train(a, size, method: str, beta: float, lr: float, seed: int) -> str:
+    """One preference run (skipped when it finished before); its workdir."""
+    workdir = os.path.join(a.out, "runs", run_name(method, beta, lr, seed))
     if done(os.path.join(workdir, "usage.json")):
-        return False
+        return workdir
     usage = run([sys.executable, "-m", "launch.train", f"--config=configs/imdb_sentiment.py:{method}",
                  f"--workdir={workdir}", f"--config.data.path={os.path.join(a.out, 'train_pairs.jsonl')}",
                  f"--config.data.eval_path={os.path.join(a.out, 'valid_pairs.jsonl')}",
                  f"--config.train.init_from={os.path.join(a.out, 'sft')}", f"--config.loss.beta={beta}",
-                 f"--config.train.seed={seed}", f"--config.train.steps={size['steps']}",
-                 "--config.train.progress=false"], os.path.join(a.out, "runs", f"{run_name(method, beta, seed)}.log"),
-                a.jobs)
+                 f"--config.train.learning_rate={lr}", f"--config.train.seed={seed}",
+                 f"--config.train.steps={size['steps']}", "--config.train.progress=false"],
+                os.path.join(a.out, "runs", f"{run_name(method, beta, lr, seed)}.log"), a.jobs)
     with open(os.path.join(workdir, "usage.json"), "w") as f:
         json.dump(usage, f)
-    evaluate(a, size, workdir)  # right away, so that a stopped grid leaves evaluated runs behind
-    return True
+    return workdir
 
 
-def step_runs(a, size, methods) -> None:
-    """The grid's cells, `--jobs` at a time (in grid order), with a progress line per finished cell."""
-    cells = grid(size, methods)
+def side_by_side(a, cells, work, what: str) -> None:
+    """`work(*cell)` for every cell, `--jobs` at a time in order; a progress line per cell that did work."""
     start, finished = time.perf_counter(), 0
     with concurrent.futures.ThreadPoolExecutor(a.jobs) as pool:
-        futures = {pool.submit(train_and_evaluate, a, size, *cell): cell for cell in cells}
+        futures = {pool.submit(work, *cell): cell for cell in cells}
         for k, future in enumerate(concurrent.futures.as_completed(futures), 1):
             if future.exception() is not None:
                 pool.shutdown(cancel_futures=True)  # the runs under way finish; no new one starts
@@ -203,9 +217,57 @@ def step_runs(a, size, methods) -> None:
                 continue
             finished += 1
             elapsed = time.perf_counter() - start
-            print(f"[{k}/{len(cells)}] trained and evaluated {run_name(*futures[future])}; {elapsed / 60:.0f} min "
-                  f"for {finished} runs, about {elapsed / finished * (len(cells) - k) / 60:.0f} min left",
-                  flush=True)
+            print(f"[{k}/{len(cells)}] {what} {run_name(*futures[future])}; {elapsed / 60:.0f} min for {finished} "
+                  f"runs, about {elapsed / finished * (len(cells) - k) / 60:.0f} min left", flush=True)
+
+
+def validation_accuracy(workdir: str) -> float:
+    """The final held-out accuracy of the method's own implicit reward on the validation pairs."""
+    from cvxdpo.train.logs import read_metrics
+
+    return [r for r in read_metrics(workdir) if "eval/rewards/accuracies" in r][-1]["eval/rewards/accuracies"]
+
+
+def step_tune(a, size, methods) -> None:
+    """Each method's learning rate, chosen on the validation pairs (never the test prefixes): at its middle
+    strength and seed 0, the rate of `size['learning_rates']` whose run has the highest held-out accuracy of
+    its own implicit reward. Methods in TUNED_WITH take the rate of the method they follow."""
+    path = os.path.join(a.out, "tuned_lr.json")
+    tuned = json.load(open(path)) if done(path) else {"learning_rate": {}, "validation_accuracy": {}}
+    families = [m for m in methods if m not in TUNED_WITH] + \
+        sorted({TUNED_WITH[m] for m in methods if m in TUNED_WITH} - set(methods))
+    families = [m for m in families if m not in tuned["learning_rate"]]
+    cells = [(m, strengths(size, m)[len(strengths(size, m)) // 2], lr, 0)
+             for m in families for lr in size["learning_rates"]]
+    def tune_cell(*cell) -> bool:
+        new = not done(os.path.join(a.out, "runs", run_name(*cell), "usage.json"))
+        train(a, size, *cell)
+        return new
+
+    side_by_side(a, cells, tune_cell, "trained (tuning)")
+    for m in families:
+        scores = {lr: validation_accuracy(os.path.join(a.out, "runs", run_name(*cell)))
+                  for cell in cells if cell[0] == m for lr in (cell[2],)}
+        tuned["validation_accuracy"][m] = {f"{lr:g}": acc for lr, acc in scores.items()}
+        tuned["learning_rate"][m] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
+        print(f"{m}: learning rate {tuned['learning_rate'][m]:g} (validation accuracy "
+              + ", ".join(f"{lr:g}: {acc:.3f}" for lr, acc in scores.items()) + ")", flush=True)
+    with open(path, "w") as f:
+        json.dump(tuned, f, indent=2)
+
+
+def train_and_evaluate(a, size, method: str, beta: float, lr: float, seed: int) -> bool:
+    """One cell of the grid, evaluated right after training (so that a stopped grid leaves evaluated runs);
+    False when both had finished before."""
+    workdir = os.path.join(a.out, "runs", run_name(method, beta, lr, seed))
+    if done(os.path.join(workdir, "eval_test", "eval.json")):
+        return False
+    return evaluate(a, size, train(a, size, method, beta, lr, seed))
+
+
+def step_runs(a, size, methods) -> None:
+    side_by_side(a, grid(a, size, methods), lambda *cell: train_and_evaluate(a, size, *cell),
+                 "trained and evaluated")
 
 
 def evaluate(a, size, model_dir: str) -> bool:
@@ -223,20 +285,19 @@ def evaluate(a, size, model_dir: str) -> bool:
 
 
 def step_evaluate(a, size, methods) -> None:
+    """The SFT model's evaluation, and any trained run's that is missing."""
     evaluate(a, size, os.path.join(a.out, "sft"))
-    cells = grid(size, methods)
-    for k, (method, beta, seed) in enumerate(cells, 1):
-        workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
-        if done(os.path.join(workdir, "usage.json")) and evaluate(a, size, workdir):
-            print(f"[{k}/{len(cells)}] evaluated {run_name(method, beta, seed)}", flush=True)
+    trained = [cell for cell in grid(a, size, methods)
+               if done(os.path.join(a.out, "runs", run_name(*cell), "usage.json"))]
+    side_by_side(a, trained, lambda *cell: train_and_evaluate(a, size, *cell), "evaluated")
 
 
 def collect(a, size, methods) -> list[dict]:
     from cvxdpo.train.logs import read_metrics
 
     rows = []
-    for method, beta, seed in grid(size, methods):
-        workdir = os.path.join(a.out, "runs", run_name(method, beta, seed))
+    for method, beta, lr, seed in grid(a, size, methods):
+        workdir = os.path.join(a.out, "runs", run_name(method, beta, lr, seed))
         path = os.path.join(workdir, "eval_test", "eval.json")
         if not done(path):
             continue
@@ -246,7 +307,7 @@ def collect(a, size, methods) -> list[dict]:
             usage = json.load(f)
         sampled = ev["sampling"]["temperature_1"]
         steps = [r["time/step_s"] for r in read_metrics(workdir) if "time/step_s" in r]
-        rows.append({"method": method, "beta": beta, "seed": seed, "reward": sampled["reward"], "kl": sampled["kl"],
+        rows.append({"method": method, "beta": beta, "learning_rate": lr, "seed": seed, "reward": sampled["reward"], "kl": sampled["kl"],
                      "accuracy_raw": ev["accuracy"]["raw"], "accuracy_reference_adjusted":
                      ev["accuracy"]["reference_adjusted"], "step_s": statistics.median(steps),
                      "peak_rss_mib": usage["peak_rss_mib"]})
@@ -323,8 +384,10 @@ def step_report(a, size, methods) -> None:
     rows = collect(a, size, methods)
     with open(os.path.join(a.out, "sft", "eval_test", "eval.json")) as f:
         sft_reward = json.load(f)["sampling"]["temperature_1"]["reward"]["mean"]
+    with open(os.path.join(a.out, "tuned_lr.json")) as f:
+        tuned = json.load(f)
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
-        json.dump({"size": size, "rows": rows, "sft_reward": sft_reward}, f, indent=2)
+        json.dump({"size": size, "rows": rows, "sft_reward": sft_reward, "tuning": tuned}, f, indent=2)
     report = runs_table(rows) + "\n\n" + matched_kl_table(rows, sft_reward) if rows else "no finished runs"
     with open(os.path.join(a.out, "ablation.md"), "w") as f:
         f.write(report + "\n")
@@ -342,7 +405,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (minutes)")
     parser.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
     parser.add_argument("--jobs", type=int, default=2, help="grid runs side by side (one XLA thread each when > 1)")
-    parser.add_argument("--steps", default="reward,sft,pairs,runs,evaluate,report",
+    parser.add_argument("--steps", default="reward,sft,pairs,tune,runs,evaluate,report",
                         help="which steps to run, in order (e.g. 'evaluate,report' for a report of the runs so far)")
     a = parser.parse_args()
     a.train_csv, a.test_csv = (os.path.join(a.data, f) for f in ("train.csv.gz", "test_public.csv.gz"))
@@ -353,7 +416,7 @@ def main():
     methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else tuple(METHODS))
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     steps = {"reward": lambda: step_reward(a, size), "sft": lambda: step_sft(a, size),
-             "pairs": lambda: step_pairs(a, size), "runs": lambda: step_runs(a, size, methods),
+             "pairs": lambda: step_pairs(a, size), "tune": lambda: step_tune(a, size, methods), "runs": lambda: step_runs(a, size, methods),
              "evaluate": lambda: step_evaluate(a, size, methods), "report": lambda: step_report(a, size, methods)}
     for name in a.steps.split(","):
         t = time.perf_counter()
