@@ -169,8 +169,14 @@ def step_pairs(a, size) -> None:
         json.dump({"prefixes": {k: len(v) for k, v in splits.items()}, "pairs": counts}, f, indent=2)
 
 
+def middle_strength(size, method: str) -> float:
+    values = STRENGTHS[method][:size["strengths"]]
+    return values[len(values) // 2]
+
+
 def strengths(size, method: str) -> tuple[float, ...]:
-    return STRENGTHS[method][:size["strengths"]]
+    """The method's strengths in the grid: the first `size['strengths']`, or only the middle one."""
+    return (middle_strength(size, method),) if size.get("middle_only") else STRENGTHS[method][:size["strengths"]]
 
 
 def tuned_lr(a, method: str) -> float:
@@ -237,7 +243,7 @@ def step_tune(a, size, methods) -> None:
     families = [m for m in methods if m not in TUNED_WITH] + \
         sorted({TUNED_WITH[m] for m in methods if m in TUNED_WITH} - set(methods))
     families = [m for m in families if m not in tuned["learning_rate"]]
-    cells = [(m, strengths(size, m)[len(strengths(size, m)) // 2], lr, 0)
+    cells = [(m, middle_strength(size, m), lr, 0)
              for m in families for lr in size["learning_rates"]]
     def tune_cell(*cell) -> bool:
         new = not done(os.path.join(a.out, "runs", run_name(*cell), "usage.json"))
@@ -404,6 +410,9 @@ def main():
                         help="folder with train.csv.gz and test_public.csv.gz")
     parser.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (minutes)")
     parser.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--seeds", default="", help="comma-separated seeds instead of the grid's (e.g. 0)")
+    parser.add_argument("--middle_only", action="store_true",
+                        help="each method at its middle strength only (3 seeds of every method before the sweep)")
     parser.add_argument("--jobs", type=int, default=2, help="grid runs side by side (one XLA thread each when > 1)")
     parser.add_argument("--steps", default="reward,sft,pairs,tune,runs,evaluate,report",
                         help="which steps to run, in order (e.g. 'evaluate,report' for a report of the runs so far)")
@@ -412,7 +421,9 @@ def main():
     for path in (a.train_csv, a.test_csv):
         if not os.path.exists(path):
             raise SystemExit(f"error: {path} not found (pass --data=DIR holding the IMDb CSVs)")
-    size = QUICK if a.quick else FULL
+    size = dict(QUICK if a.quick else FULL, middle_only=a.middle_only)
+    if a.seeds:
+        size["seeds"] = tuple(int(x) for x in a.seeds.split(","))
     methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else tuple(METHODS))
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     steps = {"reward": lambda: step_reward(a, size), "sft": lambda: step_sft(a, size),
