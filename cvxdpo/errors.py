@@ -22,8 +22,16 @@ class MissingFileError(CvxdpoError, FileNotFoundError):
 
 
 class CheckpointError(CvxdpoError):
-    """A checkpoint that is missing or does not fit the run."""
+    """A checkpoint that is missing, damaged, or does not fit the run."""
+
+
+class OutputError(CvxdpoError, OSError):
+    """A run's output (checkpoint, metrics) cannot be written: a full disk, a lost mount, no permission."""
 
 
 class TrainingDiverged(CvxdpoError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss or log-probs became NaN, infinite or implausibly large; the last good checkpoint is kept."""
+
+
+class TrainingStopped(CvxdpoError):
+    """A stop was asked for (SIGTERM): the run wrote a checkpoint of its last step and rerunning resumes it."""

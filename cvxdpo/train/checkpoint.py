@@ -2,18 +2,30 @@
 
 Orbax writes each step into a temporary directory and renames it only when
 the write is complete (`commit_success`), so a process killed mid-write leaves
-nothing that `latest_step` would pick.
+nothing that `latest_step` would pick. Files can still be damaged afterwards
+(a disk error, a copy cut short, a hand edit): `restore` then falls back to the
+newest step that reads back whole. It tells that apart from a checkpoint
+written under another config (other array paths or shapes), which it refuses
+before reading any array.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging as std_logging
 import os
+import re
+import sys
+import traceback
+import warnings
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 
-from cvxdpo.errors import CheckpointError
+from cvxdpo.errors import CheckpointError, OutputError
 
 
 def abstract_like(state):
@@ -21,29 +33,164 @@ def abstract_like(state):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    """{"params/wte/value": shape, ...} of a state or of a checkpoint's array metadata."""
+    return {k: tuple(v.shape) for k, v in ocp.tree.to_flat_dict(tree, sep="/").items()}
+
+
+def config_mismatch(saved: dict[str, tuple], wanted: dict[str, tuple]) -> str | None:
+    """The first array that a checkpoint and the run's state disagree on (missing, extra, or another shape),
+    or None when every path and shape agree."""
+    for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (not k.startswith("params/"), k)):
+        if key not in saved:
+            return f"this run has {key}, the checkpoint does not"
+        if key not in wanted:
+            return f"the checkpoint has {key}, this run does not"
+        if saved[key] != wanted[key]:
+            return f"{key} has shape {saved[key]} in the checkpoint, {wanted[key]} in this run"
+    return None
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as a short phrase: Orbax and TensorStore messages run to hundreds of characters."""
+    text = (str(error).splitlines() or [""])[0]
+    return f"{type(error).__name__}: {text[:100]}{'...' * (len(text) > 100)}"
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a checkpoint write failed (e.g. "No space left on device"), or None when `error` is no failed
+    write. Orbax's own files raise OSError; TensorStore's array writes raise a ValueError whose text ends
+    "...: No space left on device [os_error_code='28']"."""
+    if isinstance(error, OSError):
+        return error.strerror or _brief(error)
+    found = re.search(r"([^:]+) \[os_error_code='?\d+'?\]", str(error)) if isinstance(error, ValueError) else None
+    return found.group(1).strip() if found else None
+
+
+class _DropOrbaxTracebacks(std_logging.Filter):
+    """Orbax logs each failure of a background write with its traceback (a hundred lines) before raising it
+    in the main thread, where `Checkpointer` turns it into one line (or, when it is no failed write, lets it
+    go with its own traceback): the logged copies are dropped."""
+
+    def filter(self, record):
+        return not (record.exc_info and "orbax" in record.pathname)
+
+
+def _raised_in_orbax(error: BaseException | None) -> bool:
+    return error is not None and any("orbax" in f.filename for f in traceback.extract_tb(error.__traceback__))
+
+
+class _DropUnretrieved(std_logging.Filter):
+    def filter(self, record):
+        return not record.getMessage().partition("\n")[0].endswith("exception was never retrieved")
+
+
+@functools.cache
+def _drop_orbax_tracebacks() -> None:
+    std_logging.getLogger("absl").addFilter(_DropOrbaxTracebacks())
+
+
+@functools.cache
+def _silence_abandoned_reads() -> None:
+    """Drops, from now on, the echoes of a failed restore. Orbax reads a checkpoint's arrays concurrently in
+    an event loop of its own; when one read fails it closes that loop with the others still in flight, and
+    each of them later reports its own error (a page of TensorStore spec, "Event loop is closed", "exception
+    was never retrieved", "coroutine was never awaited") whenever it finishes or is finalized, up to
+    interpreter exit. `restore` has said what failed in one line; only these reports are dropped: errors
+    raised in Orbax that nobody will handle, the closed loop's, asyncio's report of futures whose error
+    nobody read, and Orbax's unfinished coroutines."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        error = unraisable.exc_value
+        closed_loop = isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        if not (_raised_in_orbax(error) or (unraisable.object is None and closed_loop)):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+    std_logging.getLogger("asyncio").addFilter(_DropUnretrieved())
+    warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning, module=r"orbax\.")
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
+        _drop_orbax_tracebacks()
+        self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
-            os.path.abspath(directory),
+            self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                                 cleanup_tmp_directories=True))
+                                                 cleanup_tmp_directories=True),
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iter) -> None:
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                        data=grain.checkpoint.CheckpointSave(data_iter)))
+        """Starts writing checkpoint `step` in the background; a failed write, this one's or an earlier
+        background one's, raises OutputError."""
+        with self._writing():
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            data=grain.checkpoint.CheckpointSave(data_iter)))
 
-    def restore(self, step: int, template_state, data_iter):
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_like(template_state)),
-                data=grain.checkpoint.CheckpointRestore(data_iter)))
-        except (ValueError, KeyError, FileNotFoundError) as e:
-            raise CheckpointError(f"checkpoint {step} in {self.manager.directory} cannot be restored into this "
-                                  f"run's state (was the config changed?): {str(e).splitlines()[0][:300]}") from None
-        return restored["state"]
+    def restore(self, template_state, data_iter):
+        """(step, state) of the newest checkpoint that reads back whole, or (None, template_state) without any.
+
+        A step whose arrays have other paths or shapes than `template_state`
+        was written under another config: CheckpointError, before anything is
+        read. A step that fails to read (a truncated or overwritten file,
+        deleted arrays, missing metadata) is skipped with a one-line warning
+        for the one before it; when no step reads back, CheckpointError names
+        the steps tried.
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return step, self._restore_step(step, template_state, data_iter)
+            except CheckpointError:
+                raise
+            except Exception as e:  # noqa: BLE001 (TensorStore raises plain Exception for a damaged array file)
+                _silence_abandoned_reads()
+                logging.warning("checkpoint %d in %s is damaged or incomplete (%s); trying the one before", step,
+                                self.directory, _brief(e))
+                damaged.append(step)
+        if damaged:
+            raise CheckpointError(f"no checkpoint in {self.directory} can be restored: steps "
+                                  f"{', '.join(map(str, damaged))} are damaged or incomplete; move the directory "
+                                  "away to start from step 0")
+        return None, template_state
+
+    def _restore_step(self, step: int, template_state, data_iter):
+        """The state of checkpoint `step`; CheckpointError when its array shapes are not the template's."""
+        target = abstract_like(template_state)
+        problem = config_mismatch(_shapes(self.manager.item_metadata(step)["state"]), _shapes(target))
+        if problem:
+            raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be restored into this run's "
+                                  f"state (was the config changed?): {problem}")
+        return self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
 
     def close(self):
-        self.manager.close()
+        """Waits for the last background write; a failed one raises OutputError."""
+        try:
+            with self._writing():
+                self.manager.close()
+        except OutputError:
+            self.manager.close()  # Orbax raises a background error once: this close releases the rest
+            raise
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """A failed write (a full disk, a lost mount) as one line that says what is still there."""
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            reason = write_failure(e)
+            if reason is None:
+                raise
+            with contextlib.suppress(OSError, ValueError):
+                self.manager.wait_until_finished()  # an earlier write still in flight may yet complete
+            self.manager.reload()  # what is on disk now
+            steps = self.manager.all_steps()
+            newest = f"step {max(steps)}" if steps else "none"
+            raise OutputError(f"cannot write a checkpoint to {self.directory}: {reason}; "
+                              f"the newest complete checkpoint is {newest}") from None

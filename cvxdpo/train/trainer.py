@@ -6,10 +6,21 @@ report of the held-out evaluation before and after training. A checkpoint
 holds the whole train state (parameters, optimizer state, step, RNG, the frozen
 reference when there is one) and the Grain iterator state, so a resumed run
 reads exactly the batches an uninterrupted one would.
+
+Every way a run can end leaves a workdir that a rerun of the same command
+continues (see tests/test_faults.py): a SIGKILL at any point (checkpoints and
+metrics files are replaced whole), a SIGTERM (the step is finished and
+checkpointed first, see cvxdpo.train.stopping), a damaged newest checkpoint
+(the one before is restored), divergence (the last good checkpoint is kept and
+nothing is exported), a full disk (one line; the older checkpoints stay). A
+rerun of a finished run trains and writes nothing (the model is exported
+again); one under a config that changes the state's shapes is refused before
+anything in the workdir changes.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -23,7 +34,7 @@ from flax import nnx
 from cvxdpo import config as config_lib
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.data import pipeline
-from cvxdpo.errors import ConfigError, TrainingDiverged
+from cvxdpo.errors import ConfigError, DataError, TrainingDiverged, TrainingStopped
 from cvxdpo.model import gpt2, hub
 from cvxdpo.train import data as data_lib
 from cvxdpo.train import objectives, reference
@@ -31,7 +42,8 @@ from cvxdpo.train import state as state_lib
 from cvxdpo.train import step as step_lib
 from cvxdpo.train.checkpoint import Checkpointer
 from cvxdpo.train.evaluation import Evaluator
-from cvxdpo.train.logs import MetricsWriter, Progress
+from cvxdpo.train.logs import METRICS_FILE, MetricsWriter, Progress, read_metrics
+from cvxdpo.train.stopping import StopOnSigterm
 
 
 def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -52,20 +64,62 @@ def make_optimizer(t) -> tuple[optax.GradientTransformation, optax.Schedule]:
     return (optax.chain(optax.clip_by_global_norm(t.grad_clip), opt) if t.grad_clip > 0 else opt), schedule
 
 
+def check_finite_weights(params, source: str) -> None:
+    """ConfigError naming the first parameter of a loaded model with a NaN or infinite value: such weights load
+    without complaint and would only show up as a diverged loss."""
+    finite = jax.device_get(jax.tree.map(lambda x: jnp.all(jnp.isfinite(x)), params))  # one transfer
+    for path, ok in jax.tree_util.tree_flatten_with_path(finite)[0]:
+        if not ok:
+            name = jax.tree_util.keystr(path, simple=True, separator="/").removesuffix("/value")
+            raise ConfigError(f"{source} holds non-finite weights: parameter {name} has NaN or infinite values")
+
+
+def data_file_stamps(c) -> dict[str, tuple[int, int]]:
+    """(size, modification time) of the data files the config names: their rows are read by byte offset all
+    run long, so a file changed mid-run feeds garbage (see `Trainer.run`)."""
+    paths = (c.data.path, c.data.eval_path)
+    return {p: (os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths if p and os.path.isfile(p)}
+
+
+def data_file_change(before: dict[str, tuple[int, int]], c) -> str | None:
+    """How the first data file whose stamp is no longer the one in `before` changed, or None."""
+    now = data_file_stamps(c)
+    for path, stamp in before.items():
+        if now.get(path) != stamp:
+            return f"{path} changed during the run (size {stamp[0]} -> {now[path][0] if path in now else 'deleted'})"
+    return None
+
+
+def guarded(metrics: dict) -> dict:
+    """The metrics the divergence guard bounds: the loss and the log-probs (keys holding "logps")."""
+    return {k: v for k, v in metrics.items() if k == "loss" or "logps" in k}
+
+
+@functools.partial(jax.jit, static_argnames=("max_abs_loss", "max_abs_logp"))
+def diverged(flag, values: dict, max_abs_loss: float, max_abs_logp: float) -> jax.Array:
+    """`flag`, or whether any of `values` is NaN or infinite, or its `loss` or a log-prob is larger in magnitude
+    than max_abs_loss or max_abs_logp. A device scalar from one small program: checking every step costs no
+    host sync. The range catches what a NaN check misses: at a learning rate of 1e6 the log-probs run to
+    -1e16 while the DPO loss sits at a finite 0."""
+    bad = [~jnp.all(jnp.isfinite(v)) for v in values.values()]
+    bad += [jnp.any(jnp.abs(v) > (max_abs_logp if "logps" in k else max_abs_loss)) for k, v in guarded(values).items()]
+    return flag | jnp.any(jnp.stack(bad))
+
+
 class Trainer:
     def __init__(self, config, workdir: str, devices=None):
         """`devices` (default: all) lets a program run the trainer on part of its devices."""
         config_lib.validate(config, workdir)
         self.objective = objectives.build(config)
+        self.bounds = dict(max_abs_loss=float(config.train.max_abs_loss),
+                           max_abs_logp=float(config.train.max_abs_logp))
         self.c, self.workdir = config, os.path.abspath(workdir)
         os.makedirs(self.workdir, exist_ok=True)
         self.is_main = jax.process_index() == 0
-        if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
         self.mesh = mesh_lib.make_mesh(config.mesh, devices)
         mesh_lib.check_batch_divides(config.train.batch_size // config.train.micro_batches, self.mesh,
                                      "train.batch_size / train.micro_batches")
+        self.data_stamps = data_file_stamps(config)
         self.tokenizer, self.train_source, self.eval_source = data_lib.load_data(config, self.workdir)
         tok_cfg = data_lib.tokenize_config(config)
         self.mode = "sft" if config.train.method == "sft" else "pairs"
@@ -85,11 +139,17 @@ class Trainer:
                                    self.tokenizer, tok_cfg, config.train.batch_size, self.mode, eval_ref,
                                    beta=config.loss.beta, seed=seed)
         self.checkpointer = Checkpointer(os.path.join(self.workdir, "checkpoints"), config.train.keep_checkpoints)
-        latest = self.checkpointer.latest_step()
+        try:
+            latest, self.state = self.checkpointer.restore(self.state, self.train_iter)
+        except BaseException:
+            self.checkpointer.close()  # else its threads print pages of "Event loop is closed" at exit
+            raise
         if latest is not None:
-            self.state = self.checkpointer.restore(latest, self.state, self.train_iter)
             logging.info("resumed from checkpoint %d in %s", latest, self.workdir)
         self.start_step = int(latest or 0)
+        if self.is_main:  # only now: a refused resume leaves the workdir's config.json as it was
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
 
     def _initial_model(self):
         """(GPT2Config, parameters or None for a fresh init) from init_from, a hub name/dir, or a preset."""
@@ -107,7 +167,9 @@ class Trainer:
         if tok.vocab_size > model.cfg.vocab_size:
             raise ConfigError(f"tokenizer {tok.name!r} has {tok.vocab_size} tokens but the model only "
                               f"{model.cfg.vocab_size}")
-        return model.cfg, nnx.state(model, nnx.Param)
+        params = nnx.state(model, nnx.Param)
+        check_finite_weights(params, source)
+        return model.cfg, params
 
     def _precompute_reference(self, tok_cfg):
         """(train table, held-out table) of reference log-probs, or (None, None)."""
@@ -122,61 +184,110 @@ class Trainer:
         """Held-out metrics of the current state (see cvxdpo.train.evaluation)."""
         return self.evaluator(self.state)
 
-    def _check_finite(self, flag, step: int):
+    def _stop_if_diverged(self, flag, step: int):
         if bool(flag):
             last = self.checkpointer.latest_step()
-            raise TrainingDiverged(f"loss became NaN or infinite by step {step}; training stopped. The last good "
-                                   f"checkpoint is step {last} in {self.workdir}/checkpoints")
+            kept = ("no checkpoint had been written yet, so a rerun starts from step 0" if last is None else
+                    f"the last good checkpoint is step {last} in {self.checkpointer.directory}")
+            raise TrainingDiverged(
+                f"loss or log-probs became NaN, infinite or out of range by step {step} (train.max_abs_loss="
+                f"{self.bounds['max_abs_loss']:g}, train.max_abs_logp={self.bounds['max_abs_logp']:g}); training "
+                f"stopped, nothing exported; {kept}; lower train.learning_rate before rerunning")
 
-    def _probe_before_save(self, placed, nonfinite, step: int):
+    def _probe_before_save(self, placed, flag, step: int):
         """The losses so far were computed before each update; probe the parameters about to be saved too,
-        so that a checkpoint never holds parameters that already give NaN."""
-        probe = self.evaluator.step(self.state, placed)
-        probe_ok = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(probe)]))
-        self._check_finite(nonfinite | ~probe_ok, step)
+        so that a checkpoint never holds parameters that already give NaN or out-of-range values."""
+        terms = self.evaluator.step(self.state, placed)
+        mean_loss = terms["loss"].sum() / self.objective.denominator(placed)  # on the scale of the train loss
+        self._stop_if_diverged(diverged(flag, {**terms, "loss": mean_loss}, **self.bounds), step)
+
+    def _held_out_row(self, step: int) -> dict | None:
+        """The held-out evaluation logged at `step` in metrics.jsonl, or None."""
+        if not os.path.exists(os.path.join(self.workdir, METRICS_FILE)):
+            return None
+        rows = [r for r in read_metrics(self.workdir) if r["step"] == step and any(k.startswith("eval/") for k in r)]
+        return {k: v for k, v in rows[-1].items() if k != "step"} if rows else None
+
+    def _finished_report(self) -> dict:
+        """The report of a rerun of a finished run (its checkpoint is at train.steps): the held-out rows read
+        back from metrics.jsonl, which stays byte for byte as it was; nothing is trained or evaluated."""
+        self.checkpointer.close()
+        if self.start_step > self.c.train.steps:
+            logging.warning("checkpoint %d in %s is past train.steps=%d: nothing to train", self.start_step,
+                            self.workdir, self.c.train.steps)
+        return {"start_step": self.start_step, "eval_before": self._held_out_row(0),
+                "eval_after": self._held_out_row(self.start_step), "steps": self.start_step, "train_seconds": 0.0,
+                "workdir": self.workdir, "hf": self.export() if self.c.train.export_hf else None}
 
     def run(self) -> dict:
-        """Trains from the start step to train.steps; returns the held-out evaluation before and after."""
+        """Trains from the start step to train.steps; returns the held-out evaluation before and after.
+
+        The last step's evaluation is logged before its checkpoint is written,
+        so a checkpoint at train.steps means a finished run (see
+        `_finished_report`). SIGTERM stops after the current step with a
+        checkpoint of it and TrainingStopped. A data file that changes under
+        the run (truncated, rewritten) makes reading fail in ways that do not
+        name it; that failure becomes a DataError that does.
+        """
+        if self.start_step >= self.c.train.steps:
+            return self._finished_report()
+        try:
+            return self._train()
+        except (ValueError, OSError) as e:
+            change = data_file_change(self.data_stamps, self.c)
+            if change:
+                raise DataError(f"data file {change}: its rows are read by byte offset, so it must stay as it was "
+                                "until training ends; put it back to resume, or train on the new file in a new "
+                                "--workdir") from e
+            raise
+
+    def _train(self) -> dict:
         t = self.c.train
         writer = MetricsWriter(self.workdir, self.start_step)
         report = {"start_step": self.start_step}
         if self.start_step == 0:
             report["eval_before"] = writer.write(0, self.evaluate(), "eval/")
+        else:
+            report["eval_before"] = self._held_out_row(0)
         progress = Progress(t.steps, self.start_step, t.progress)
-        nonfinite = jnp.zeros((), bool)
+        flag = jnp.zeros((), bool)  # set once the loss or log-probs leave their range (see `diverged`)
         tokens, tic, t0 = 0, time.perf_counter(), time.perf_counter()
         step = logged = self.start_step
         metrics = None
         try:
-            while step < t.steps:
-                batch = next(self.train_iter)
-                batch_tokens = int(batch["attention_mask"].sum()) * jax.process_count()
-                tokens += batch_tokens
-                placed = step_lib.place_batch(batch, self.mesh)
-                previous = metrics
-                self.state, metrics = self.train_step(self.state, placed)
-                nonfinite = nonfinite | ~jnp.isfinite(metrics["loss"])
-                step += 1
-                progress.update(batch_tokens, previous)  # the step before: waiting on it keeps one step queued
-                if step % t.log_every == 0 or step == t.steps:
-                    self._check_finite(nonfinite, step)
-                    elapsed = time.perf_counter() - tic
-                    writer.write(step, {**jax.device_get(metrics), "time/tokens_per_s": tokens / elapsed,
-                                        "time/step_s": elapsed / (step - logged)})
-                    tokens, tic, logged = 0, time.perf_counter(), step
-                if step % t.eval_every == 0 and step != t.steps:
-                    writer.write(step, self.evaluate(), "eval/")
-                    if logged == step:
-                        tic = time.perf_counter()  # keep evaluation out of the next interval's step time
-                if step % t.checkpoint_every == 0 or step == t.steps:
-                    self._probe_before_save(placed, nonfinite, step)
-                    self.checkpointer.save(step, self.state, self.train_iter)
-            report["eval_after"] = writer.write(step, self.evaluate(), "eval/")
+            with StopOnSigterm() as stop:
+                while step < t.steps:
+                    batch = next(self.train_iter)
+                    batch_tokens = int(batch["attention_mask"].sum()) * jax.process_count()
+                    tokens += batch_tokens
+                    placed = step_lib.place_batch(batch, self.mesh)
+                    previous = metrics
+                    self.state, metrics = self.train_step(self.state, placed)
+                    flag = diverged(flag, guarded(metrics), **self.bounds)
+                    step += 1
+                    progress.update(batch_tokens, previous)  # the step before: waiting on it keeps one step queued
+                    if step % t.log_every == 0 or step == t.steps:
+                        self._stop_if_diverged(flag, step)
+                        elapsed = time.perf_counter() - tic
+                        writer.write(step, {**jax.device_get(metrics), "time/tokens_per_s": tokens / elapsed,
+                                            "time/step_s": elapsed / (step - logged)})
+                        tokens, tic, logged = 0, time.perf_counter(), step
+                    if step % t.eval_every == 0 or step == t.steps:
+                        held_out = writer.write(step, self.evaluate(), "eval/")
+                        if logged == step:
+                            tic = time.perf_counter()  # keep evaluation out of the next interval's step time
+                    stopping = step < t.steps and stop.requested(step)
+                    if step % t.checkpoint_every == 0 or step == t.steps or stopping:
+                        self._probe_before_save(placed, flag, step)
+                        self.checkpointer.save(step, self.state, self.train_iter)
+                    if stopping:
+                        raise TrainingStopped(f"stopped by {stop.name} at step {step}; resume by rerunning the same "
+                                              f"command (checkpoint {step} is in {self.checkpointer.directory})")
         finally:
             progress.close()
             writer.close()
             self.checkpointer.close()
-        report.update(steps=step, train_seconds=time.perf_counter() - t0, workdir=self.workdir,
+        report.update(eval_after=held_out, steps=step, train_seconds=time.perf_counter() - t0, workdir=self.workdir,
                       hf=self.export() if t.export_hf else None)
         return report
 
