@@ -1,6 +1,7 @@
 """Shared pieces of the experiment configs: each experiment is (dataset, method) over the defaults."""
 
 from cvxdpo.config import default_config
+from cvxdpo.errors import ConfigError
 
 # Per-dataset data settings (everything else stays at cvxdpo.config's defaults).
 DATASETS = {
@@ -24,6 +25,9 @@ METHODS = {
 
 def experiment(dataset: str, method: str):
     """The defaults with one dataset's data settings and one method's training settings."""
+    for name, value, known in (("dataset", dataset, DATASETS), ("method", method, METHODS)):
+        if value not in known:
+            raise ConfigError(f"{name} {value!r} is not one of {', '.join(known)}")
     c = default_config()
     c.model.name = "gpt2"
     c.data.update(DATASETS[dataset])
@@ -33,4 +37,7 @@ def experiment(dataset: str, method: str):
 
 def get_config(spec: str = "tutor,dpo"):
     """`--config=configs/base.py:DATASET,METHOD` on the command line (tools/ablate.py runs it this way)."""
-    return experiment(*spec.split(","))
+    parts = spec.split(",")
+    if len(parts) != 2:
+        raise ConfigError(f"configs/base.py:{spec} should be configs/base.py:DATASET,METHOD, e.g. :tutor,dpo")
+    return experiment(*parts)

@@ -12,9 +12,13 @@ max_prompt_length 256, beta 0.1.
 
 from __future__ import annotations
 
+import difflib
 import os
+import tempfile
 
 import ml_collections
+from absl import logging
+from ml_collections import config_dict
 
 from cvxdpo.errors import ConfigError
 
@@ -23,6 +27,11 @@ REFERENCES = ("frozen", "precomputed")
 OPTIMIZERS = ("rmsprop", "adamw")
 SOURCES = ("tutor", "shp", "imdb", "hh", "jsonl")
 DTYPES = ("float32", "bfloat16")
+# The GPT2Config fields `model.overrides` may set for a scratch preset (the vocabulary, special tokens and
+# numerics come from the tokenizer and the other `model` fields), with their types.
+MODEL_OVERRIDES = {"n_layer": int, "n_embd": int, "n_head": int, "n_positions": int, "n_inner": int,
+                   "layer_norm_epsilon": float}
+MAX_ROW_BYTES = 1 << 20  # data.max_row_bytes: one row (a JSON line, a CSV field, a review file) at most
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -34,7 +43,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.init = "pretrained"  # "pretrained" (hub/dir weights) or "scratch" (a preset trained from zero)
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
     c.model.remat = False
-    c.model.overrides = ml_collections.ConfigDict()  # e.g. n_layer for a scratch preset
+    # Shape changes of a scratch preset, e.g. n_layer; unset (None) keeps the preset's value. Declared (typed)
+    # here so that `--config.model.overrides.n_layer=3` works: the command line can only set existing fields.
+    c.model.overrides = ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in MODEL_OVERRIDES.items()})
 
     c.tokenizer = ml_collections.ConfigDict()
     c.tokenizer.spec = "gpt2"  # "gpt2", a directory, a hub name, or "train" (byte-level BPE on the train data)
@@ -44,7 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.source = "tutor"
     c.data.path = ""  # file or directory; "" = the bundled tutor set (tutor) / required otherwise
     c.data.eval_path = ""  # held-out file; "" = split eval_fraction off the training source
-    c.data.eval_fraction = 0.05
+    c.data.eval_fraction = 0.05  # 0 = no held-out split: training without held-out evaluation
     c.data.split = "train"
     c.data.eval_split = "test"
     c.data.domains = ()  # SHP domain filter
@@ -58,6 +69,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.strict = False
     c.data.workers = 0
     c.data.cache_dir = ""  # where hub downloads and decompressed copies go; "" = <workdir>/cache
+    c.data.max_row_bytes = MAX_ROW_BYTES  # a longer row is skipped and counted: loading memory stays bounded
 
     c.train = ml_collections.ConfigDict()
     c.train.method = "dpo"
@@ -80,6 +92,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.init_from = ""  # a workdir (e.g. the SFT run) whose latest parameters start this run
     c.train.export_hf = True  # write <workdir>/hf (config.json, model.safetensors, tokenizer) at the end
     c.train.progress = True
+    # The divergence guard (cvxdpo.train.trainer.diverged): a loss or log-prob beyond these stops the run.
+    c.train.max_abs_loss = 1e4
+    c.train.max_abs_logp = 1e6
 
     # The DPO-family loss (train.method = "dpo"); `beta` is DPO-Convex's beta too.
     c.loss = ml_collections.ConfigDict()
@@ -118,9 +133,77 @@ def _choice(value, options, name):
         raise ConfigError(f"{name}={value!r} is not one of {', '.join(options)}")
 
 
+def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
+    """What is wrong with the dotted key `key` of `config` (an unknown field, with the closest known one, or
+    a field below a plain value); None when it names a field."""
+    node, path = config, []
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict):
+            return f"unknown config key {key}: {'.'.join(path)} is a {type(node).__name__}, not a section"
+        if part not in node:
+            close = difflib.get_close_matches(part, list(node.keys()), n=1)
+            hint = (f"; did you mean {'.'.join(path + close)}?" if close
+                    else f"; {'.'.join(path) or 'the config'} has {', '.join(sorted(node.keys()))}")
+            return f"unknown config key {'.'.join(path + [part])}{hint}"
+        node, path = node[part], path + [part]
+    return None
+
+
+def _check_keys(c: ml_collections.ConfigDict) -> None:
+    """Every field of `c` is one of the defaults': a misspelt field in a config file would be ignored."""
+    defaults = default_config()
+
+    def walk(node, path):
+        for key, value in node.items():
+            problem = unknown_key(defaults, ".".join(path + [key]))
+            if problem:
+                raise ConfigError(problem)
+            if isinstance(value, ml_collections.ConfigDict):
+                walk(value, path + [key])
+
+    walk(c, [])
+
+
+def _check_model(c: ml_collections.ConfigDict) -> None:
+    overrides = [k for k, v in c.model.overrides.items() if v is not None]
+    if overrides and (c.model.init != "scratch" or c.train.init_from):
+        logging.warning("model.overrides (%s) are ignored: a pretrained model's shape is its config.json's",
+                        ", ".join(overrides))
+
+
+def _check_data(c: ml_collections.ConfigDict) -> None:
+    """The `data` values read here (lengths, buckets and truncation are checked by the data pipeline's
+    TokenizeConfig, built before any data is read)."""
+    if not 0 <= c.data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction}")
+    if c.data.max_row_bytes <= 0:
+        raise ConfigError(f"data.max_row_bytes must be positive, got {c.data.max_row_bytes}")
+    if c.data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0, got {c.data.workers}")
+
+
+def check_workdir(workdir: str) -> None:
+    """Creates the run directory and makes sure that files can be written in it, so that a path through a
+    file or a read-only disk is named here, before any work, rather than failing on the first checkpoint."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir {workdir!r} exists and is not a directory")
+    ancestor = os.path.dirname(os.path.abspath(workdir))
+    while not os.path.exists(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        raise ConfigError(f"--workdir {workdir!r} cannot be created: {ancestor!r} is a file, not a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        with tempfile.TemporaryFile(dir=workdir):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir!r} is not writable ({e.strerror or e})") from None
+
+
 def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Raises ConfigError naming the first impossible value (the `loss`, `signal` and `anchor` sections are
-    checked by the dataclasses they build)."""
+    checked by the dataclasses they build); with `workdir`, creates it (see `check_workdir`)."""
+    _check_keys(c)
     _choice(c.train.method, METHODS, "train.method")
     _choice(c.train.reference, REFERENCES, "train.reference")
     _choice(c.train.optimizer, OPTIMIZERS, "train.optimizer")
@@ -129,6 +212,8 @@ def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     _choice(c.train.reference_dtype, DTYPES, "train.reference_dtype")
     _choice(c.model.init, ("pretrained", "scratch"), "model.init")
     _choice(c.train.schedule, ("constant", "cosine"), "train.schedule")
+    _check_model(c)
+    _check_data(c)
     if c.train.method == "dpo_convex" and c.anchor.buffer % c.train.batch_size:
         raise ConfigError(f"anchor.buffer={c.anchor.buffer} must be a multiple of train.batch_size={c.train.batch_size}")
     for name in ("batch_size", "micro_batches", "steps", "log_every", "eval_every", "checkpoint_every",
@@ -142,7 +227,5 @@ def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     if c.train.batch_size % c.train.micro_batches:
         raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by "
                           f"train.micro_batches={c.train.micro_batches}")
-    if not 0 <= c.data.eval_fraction < 1:
-        raise ConfigError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction}")
-    if workdir is not None and os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--workdir {workdir!r} exists and is not a directory")
+    if workdir is not None:
+        check_workdir(workdir)

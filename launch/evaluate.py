@@ -24,7 +24,7 @@ from flax import nnx
 from cvxdpo import mesh as mesh_lib
 from cvxdpo.data import hh, imdb, jsonl, pipeline, shp, tutor
 from cvxdpo.data.records import Subset
-from cvxdpo.errors import ConfigError
+from cvxdpo.errors import ConfigError, DataError
 from cvxdpo.eval import metrics as metrics_lib
 from cvxdpo.eval import rewards as rewards_lib
 from cvxdpo.eval import survey as survey_lib
@@ -58,6 +58,7 @@ SURVEY = flags.DEFINE_integer("survey", 0, "Write a blinded survey of this many 
                               "--model (survey.csv, survey.html; answer_key.json kept apart).")
 TALLY = flags.DEFINE_multi_string("tally", None, "Filled survey CSV(s) to count (with --answer_key).")
 ANSWER_KEY = flags.DEFINE_string("answer_key", None, "The survey's answer_key.json, for --tally.")
+flags.adopt_module_key_flags(common)  # --help lists --mesh, --debug and the multi-host flags too
 
 
 def load_split(source: str, path: str, split: str, tokenizer, cache_dir: str, seed: int):
@@ -173,6 +174,9 @@ def evaluate(mesh) -> dict:
     reference = load_model(REFERENCE.value, mesh)[0] if REFERENCE.value else None
     cache_dir = os.path.join(OUT.value, "cache")
     pairs, skipped = load_split(SOURCE.value, DATA_PATH.value, SPLIT.value, tokenizer, cache_dir, SEED.value)
+    if len(pairs) == 0:
+        raise DataError(f"--data_path={DATA_PATH.value} (--data_source={SOURCE.value}) gave no usable pairs; "
+                        f"skipped: {skipped or 'none'}")
     pairs = shuffled(pairs, MAX_PAIRS.value, SEED.value)
     tables = score_pairs(policy, reference, pairs, tokenizer, mesh)
     result = {"model": MODELS.value[0], "reference": REFERENCE.value,

@@ -22,6 +22,7 @@ TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
 TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus mass (1 = off).")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling and init seed.")
+flags.adopt_module_key_flags(common)  # --help lists --mesh, --debug and the multi-host flags too
 
 
 def load_model(spec: str, mesh, vocab_size: int):

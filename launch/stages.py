@@ -10,6 +10,8 @@ sections plus one section per stage with that stage's overrides, by section
 import copy
 import os
 
+import ml_collections
+
 from cvxdpo.data.tokenizer import load_tokenizer
 from cvxdpo.errors import ConfigError
 from cvxdpo.model import generate, hub
@@ -20,7 +22,13 @@ TEMPERATURES = (0.0, 0.8)
 
 
 def stage_names(config) -> list[str]:
-    return config.stages.split(",")
+    """The names in `config.stages`, each of which must have its section of overrides."""
+    names = config.stages.split(",")
+    for stage in names:
+        if not isinstance(config.get(stage), ml_collections.ConfigDict):
+            raise ConfigError(f"stages={config.stages!r} names stage {stage!r}, but the config has no section "
+                              f"config.{stage} of its overrides")
+    return names
 
 
 def stage_config(config, stage: str, previous: str | None, overrides=()):
@@ -54,12 +62,15 @@ def _set(config, key: str, value) -> None:
 
 
 def run_stages(config, workdir: str, overrides=()) -> list[tuple[str, Trainer, dict]]:
-    """Runs every stage in order; returns (stage, trainer, report) per stage."""
+    """Runs every stage in order; returns (stage, trainer, report) per stage. The stages share one cache
+    (<workdir>/cache unless data.cache_dir says otherwise): data is downloaded or unpacked once."""
     results, previous = [], None
     for stage in stage_names(config):
         stage_dir = os.path.join(workdir, stage)
         print(f"== stage {stage} -> {stage_dir}", flush=True)
-        trainer = Trainer(stage_config(config, stage, previous, overrides), stage_dir)
+        c = stage_config(config, stage, previous, overrides)
+        c.data.cache_dir = c.data.cache_dir or os.path.join(workdir, "cache")
+        trainer = Trainer(c, stage_dir)
         results.append((stage, trainer, trainer.run()))
         previous = stage_dir
     return results
@@ -87,7 +98,9 @@ def print_report(results) -> None:
     for stage, trainer, r in results:
         before, after = r.get("eval_before"), r.get("eval_after")
         print(f"[{stage}] {r['steps'] - r['start_step']} steps in {r['train_seconds']:.0f} s")
-        if trainer.mode == "sft":
+        if not before and not after:
+            print("  no held-out evaluation (the held-out split is empty, e.g. data.eval_fraction=0)")
+        elif trainer.mode == "sft":
             print(f"  held-out response NLL/token: {_fmt(before, 'eval/nll')} -> {_fmt(after, 'eval/nll')}")
         else:
             for key in ("accuracy/raw/mean", "accuracy/length_normalized/mean", "rewards/accuracies",
@@ -100,9 +113,12 @@ def print_report(results) -> None:
 
 
 def _print_samples(trainer, hf_dir: str) -> None:
+    """Replies to the first held-out prompts (none without held-out examples)."""
+    prompts = [trainer.eval_source[k].prompt for k in range(min(SAMPLE_PROMPTS, len(trainer.eval_source)))]
+    if not prompts:
+        return
     model = hub.load_pretrained(hf_dir, trainer.mesh)
     tok = load_tokenizer(hf_dir)
-    prompts = [trainer.eval_source[k].prompt for k in range(min(SAMPLE_PROMPTS, len(trainer.eval_source)))]
     for temperature in TEMPERATURES:
         replies = generate.generate_text(model, tok, prompts, 40, temperature=temperature, top_p=0.95, seed=0)
         print(f"\n-- samples at temperature {temperature}")

@@ -19,6 +19,7 @@ from launch import common, stages
 CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (see configs/).", lock_config=False)
 WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, exported model.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.adopt_module_key_flags(common)  # --help lists --mesh, --debug and the multi-host flags too
 
 
 def main(argv):

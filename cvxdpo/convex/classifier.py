@@ -5,6 +5,10 @@
 
 With a mesh, gate columns are split over `gate_axis` (and rows over
 `row_axis` when given) and the ADMM runs under `jax.shard_map`.
+
+Bad arguments (an empty or non-numeric X, num_gates < 1, features that differ
+from fit's, predict before fit) raise a ConfigError or DataError (both
+ValueErrors) that says what is wrong, before any JAX work.
 """
 
 from __future__ import annotations
@@ -44,9 +48,18 @@ class ConvexReLUClassifier:
         return gr.Axes(self.gate_axis, self.row_axis) if self.mesh is not None else gr.Axes()
 
     def _check(self, X, y=None):
+        """X as a float array (and y), or DataError; at predict time X must have fit's features."""
         X = np.asarray(X)
+        if X.dtype.kind not in "biuf":  # bool, int, unsigned, float
+            raise DataError(f"X must hold real numbers, got an array of dtype {X.dtype}")
+        if X.dtype.kind != "f":
+            X = X.astype(np.float64)  # integer or boolean features; jnp.asarray narrows to JAX's float width
         if X.ndim != 2:
             raise DataError(f"X must be a 2-D (samples, features) array, got shape {X.shape}")
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            raise DataError(f"X has shape {X.shape}: it needs at least one sample and one feature")
+        if y is None and X.shape[1] != self.gates_.shape[0]:
+            raise DataError(f"X has {X.shape[1]} features; the classifier was fitted on {self.gates_.shape[0]}")
         if not np.isfinite(X).all():
             raise DataError(f"X holds {int((~np.isfinite(X)).sum())} NaN or infinite values")
         if y is None:
@@ -61,7 +74,14 @@ class ConvexReLUClassifier:
             raise DataError(f"all labels are {values.pop()}: a classifier needs both classes")
         return X, y
 
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "state_"):
+            raise ConfigError("this ConvexReLUClassifier is not fitted yet: call fit(X, y) first")
+
     def fit(self, X, y, warm_start: bool = False) -> "ConvexReLUClassifier":
+        if isinstance(self.num_gates, bool) or not isinstance(self.num_gates, (int, np.integer)) \
+                or self.num_gates < 1:
+            raise ConfigError(f"num_gates must be a positive integer, got {self.num_gates!r}")
         cfg = self._config()
         X, y = self._check(X, y)
         self.zero_one_ = set(np.unique(y).tolist()) <= {0, 1}
@@ -92,9 +112,11 @@ class ConvexReLUClassifier:
     @property
     def weights_(self) -> jax.Array:
         """The solution: v (group-sparse) for the gated model, u (cone-feasible) for the exact ReLU model."""
+        self._check_fitted()
         return self.state_.v if self.variant == "gated" else self.state_.u
 
     def decision_function(self, X) -> np.ndarray:
+        self._check_fitted()
         X, _ = self._check(X)
         Xj = jnp.asarray(X, self.gates_.dtype)
         M = gr.expand_masks(gr.masks(Xj, self.gates_), self.variant)
@@ -105,6 +127,7 @@ class ConvexReLUClassifier:
         return np.where(positive, 1, 0 if self.zero_one_ else -1)
 
     def objective(self) -> float:
+        self._check_fitted()
         X, y, M, signs = self._data
         return float(gr.objective(X, y, M, signs, self.weights_, self.beta, self.loss))
 
@@ -112,6 +135,7 @@ class ConvexReLUClassifier:
         """Relative duality gap of the gated solution: an upper bound on its relative suboptimality."""
         if self.variant != "gated":
             raise ConfigError("the duality-gap certificate is defined for the gated model only")
+        self._check_fitted()
         X, y, M, signs = self._data
         primal = gr.objective(X, y, M, signs, self.weights_, self.beta, self.loss)
         dual = gr.dual_value(X, y, M, signs, self.state_.z, self.beta, self.loss)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
+from cvxdpo.config import MAX_ROW_BYTES
 from cvxdpo.data.hub_stream import stream_to_jsonl
 from cvxdpo.data.records import BadRows, FieldError, JsonlIndex, Pair, require_text
 
@@ -34,12 +35,14 @@ def _parse(row: Mapping) -> Pair:
     return split_transcripts(require_text(row, "chosen"), require_text(row, "rejected"))
 
 
-def hh_source(paths: str | Sequence[str], strict: bool = False, cache_dir: str | None = None) -> JsonlIndex:
+def hh_source(paths: str | Sequence[str], strict: bool = False, cache_dir: str | None = None,
+              max_row_bytes: int = MAX_ROW_BYTES) -> JsonlIndex:
     """Pairs from local `.jsonl` / `.jsonl.gz` files."""
     paths = [paths] if isinstance(paths, str) else list(paths)
-    return JsonlIndex(paths, _parse, BadRows(strict), cache_dir=cache_dir)
+    return JsonlIndex(paths, _parse, BadRows(strict, max_row_bytes), cache_dir=cache_dir)
 
 
-def hh_from_hub(cache_dir: str, split: str = "train", strict: bool = False) -> JsonlIndex:
+def hh_from_hub(cache_dir: str, split: str = "train", strict: bool = False,
+                max_row_bytes: int = MAX_ROW_BYTES) -> JsonlIndex:
     path = stream_to_jsonl(HUB_NAME, split, os.path.join(cache_dir, "hh-rlhf", f"{split}.jsonl"))
-    return hh_source(path, strict)
+    return hh_source(path, strict, max_row_bytes=max_row_bytes)

@@ -16,9 +16,10 @@ import os
 import random
 from collections.abc import Sequence
 
+from cvxdpo.config import MAX_ROW_BYTES
 from cvxdpo.data.hub_stream import stream_to_jsonl
 from cvxdpo.data.records import BadRows, Pair, check_file, iter_json_lines
-from cvxdpo.errors import ConfigError, MissingFileError
+from cvxdpo.errors import ConfigError, DataError, MissingFileError
 
 HUB_NAME = "stanfordnlp/imdb"
 LABELS = {"positive": 1, "pos": 1, "1": 1, "negative": 0, "neg": 0, "0": 0}
@@ -40,21 +41,47 @@ def _check_split(split: str) -> None:
         raise ConfigError(f"IMDb split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
 
 
-def from_csv(path: str, split: str | None = None, strict: bool = False) -> tuple[list[Review], BadRows]:
-    """Reviews of a CSV; with an `is_valid` column, split "train" keeps the rows where it is false."""
+def _csv_rows(reader: csv.DictReader, path: str, bad: BadRows):
+    """The rows of `reader`; a row the csv module refuses (a field over its size limit, a NUL byte) is
+    skipped (the reader goes on after it), those over the limit summed up in one warning."""
+    too_large = []
+    while True:
+        try:
+            yield next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            if "field larger than field limit" in str(e):
+                bad.skip(path, reader.line_num, f"row too large: a field over data.max_row_bytes={bad.max_row_bytes}",
+                         warn=False)
+                too_large.append(reader.line_num)
+            else:
+                bad.skip(path, reader.line_num, f"bad CSV: {e}")
+    bad.warn_too_large(path, too_large)
+
+
+def from_csv(path: str, split: str | None = None, strict: bool = False,
+             max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[Review], BadRows]:
+    """Reviews of a CSV; with an `is_valid` column, split "train" keeps the rows where it is false.
+
+    A field of more than `max_row_bytes` characters is skipped with its row (the csv module's own limit, set
+    for the read; the module reads one physical line at a time, so a long unquoted line is still held whole).
+    """
     check_file(path, "IMDb CSV")
     if split is not None:
         _check_split(split)
-    bad = BadRows(strict)
+    bad = BadRows(strict, max_row_bytes)
     reviews = []
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8", errors="strict") as f:
-        reader = csv.DictReader(f)
-        missing = {"text", "label"} - set(reader.fieldnames or ())
-        if missing:
-            raise ConfigError(f"{path}: CSV lacks column(s) {', '.join(sorted(missing))}")
-        try:
-            for row in reader:
+    previous_limit = csv.field_size_limit(max_row_bytes)
+    try:
+        with opener(path, "rt", newline="", encoding="utf-8", errors="strict") as f:
+            reader = csv.DictReader(f)
+            missing = {"text", "label"} - set(reader.fieldnames or ())
+            if missing:
+                raise DataError(f"{path}: CSV lacks column(s) {', '.join(sorted(missing))} (it has "
+                                f"{', '.join(reader.fieldnames or ()) or 'no header'}); IMDb needs text and label")
+            for row in _csv_rows(reader, path, bad):
                 text, label = row.get("text"), str(row.get("label", "")).strip().lower()
                 if label not in LABELS:
                     bad.skip(path, reader.line_num, f"bad value: label {row.get('label')!r}")
@@ -67,15 +94,21 @@ def from_csv(path: str, split: str | None = None, strict: bool = False) -> tuple
                     if held != (split == "test"):
                         continue
                 reviews.append(Review(clean(text), LABELS[label]))
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 near line {reader.line_num} ({e.reason})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 near line {reader.line_num} ({e.reason})") from None
+    except (OSError, EOFError) as e:  # e.g. a broken .gz
+        raise DataError(f"{path}: cannot read ({e})") from None
+    finally:
+        csv.field_size_limit(previous_limit)
     return reviews, bad
 
 
-def from_acl_directory(root: str, split: str = "train", strict: bool = False) -> tuple[list[Review], BadRows]:
-    """Reviews of an aclImdb/ tree (reads every file of the split; 25,000 reviews is ~33 MB)."""
+def from_acl_directory(root: str, split: str = "train", strict: bool = False,
+                       max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[Review], BadRows]:
+    """Reviews of an aclImdb/ tree (reads every file of the split; 25,000 reviews is ~33 MB); a file over
+    `max_row_bytes` is skipped."""
     _check_split(split)
-    bad = BadRows(strict)
+    bad = BadRows(strict, max_row_bytes)
     reviews = []
     for name, label in (("pos", 1), ("neg", 0)):
         folder = os.path.join(root, split, name)
@@ -83,6 +116,9 @@ def from_acl_directory(root: str, split: str = "train", strict: bool = False) ->
             raise MissingFileError(f"IMDb directory {root!r} has no {split}/{name}/ folder")
         for fname in sorted(os.listdir(folder)):
             path = os.path.join(folder, fname)
+            if os.path.getsize(path) > max_row_bytes:
+                bad.skip(path, None, bad.too_large(os.path.getsize(path)))
+                continue
             try:
                 with open(path, encoding="utf-8") as f:
                     text = f.read()
@@ -96,23 +132,24 @@ def from_acl_directory(root: str, split: str = "train", strict: bool = False) ->
     return reviews, bad
 
 
-def from_hub(cache_dir: str, split: str = "train", strict: bool = False) -> tuple[list[Review], BadRows]:
+def from_hub(cache_dir: str, split: str = "train", strict: bool = False,
+             max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[Review], BadRows]:
     _check_split(split)
     path = stream_to_jsonl(HUB_NAME, split, os.path.join(cache_dir, "imdb", f"{split}.jsonl"))
-    bad = BadRows(strict)
+    bad = BadRows(strict, max_row_bytes)
     reviews = [Review(clean(row["text"]), int(row["label"])) for _, _, row in iter_json_lines(path, bad)]
     return reviews, bad
 
 
-def load_reviews(source: str, split: str = "train", strict: bool = False,
-                 cache_dir: str | None = None) -> tuple[list[Review], BadRows]:
+def load_reviews(source: str, split: str = "train", strict: bool = False, cache_dir: str | None = None,
+                 max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[Review], BadRows]:
     """`source`: a .csv file, an aclImdb directory, or "hub"."""
     if source == "hub":
-        return from_hub(cache_dir or os.path.join(os.getcwd(), ".cache"), split, strict)
+        return from_hub(cache_dir or os.path.join(os.getcwd(), ".cache"), split, strict, max_row_bytes)
     if os.path.isdir(source):
-        return from_acl_directory(source, split, strict)
+        return from_acl_directory(source, split, strict, max_row_bytes)
     if source.endswith((".csv", ".csv.gz")):
-        return from_csv(source, split, strict)
+        return from_csv(source, split, strict, max_row_bytes)
     raise MissingFileError(f"IMDb source {source!r} is neither a .csv(.gz) file, an aclImdb directory, nor 'hub'")
 
 

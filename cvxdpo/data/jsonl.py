@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from cvxdpo.config import MAX_ROW_BYTES
 from cvxdpo.data.records import BadRows, JsonlIndex, Pair, require_text
 
 
@@ -15,6 +16,7 @@ def _parse(row: Mapping) -> Pair:
     return pair
 
 
-def jsonl_source(paths: str | Sequence[str], strict: bool = False, cache_dir: str | None = None) -> JsonlIndex:
+def jsonl_source(paths: str | Sequence[str], strict: bool = False, cache_dir: str | None = None,
+                 max_row_bytes: int = MAX_ROW_BYTES) -> JsonlIndex:
     paths = [paths] if isinstance(paths, str) else list(paths)
-    return JsonlIndex(paths, _parse, BadRows(strict), cache_dir=cache_dir)
+    return JsonlIndex(paths, _parse, BadRows(strict, max_row_bytes), cache_dir=cache_dir)

@@ -30,6 +30,10 @@ from cvxdpo.data.records import Pair
 from cvxdpo.errors import ConfigError, DataError
 
 TRUNCATION = ("keep_end", "keep_start")
+# A generous bound on the characters of one token (GPT-2's longest token has 66, English averages about 4):
+# a text cut to max_length * this many characters still holds more than the max_length tokens that
+# `truncate` can keep of it, so the cut changes nothing but the cost of tokenizing a huge text.
+MAX_CHARS_PER_TOKEN = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,32 +74,47 @@ def _sequence(prompt: list[int], response: list[int]) -> tuple[np.ndarray, np.nd
     return ids, loss
 
 
+def clip_text(text: str, max_tokens: int, keep_end: bool = False) -> str:
+    """`text` cut to max_tokens * MAX_CHARS_PER_TOKEN characters (keeping its start, or its end), so that
+    tokenizing a huge text costs no more than tokenizing what `truncate` keeps of it."""
+    limit = max_tokens * MAX_CHARS_PER_TOKEN
+    if len(text) <= limit:
+        return text
+    return text[-limit:] if keep_end else text[:limit]
+
+
 class Tokenize(grain.transforms.Map):
     """(index, Pair) -> unpadded token arrays: (2, n) for a pair, (n,) for SFT, with the response loss mask.
 
     `index` is the example's position in the source; with `ref_logps` (a
     (len(source), 2) table of precomputed reference log-probs) the example
-    carries its row of it.
+    carries its row of it. Each text is cut by characters (`clip_text`) before
+    it is tokenized and by tokens (`truncate`) after: no text can hold more than
+    max_length tokens of the sequence, so time and memory per example are
+    bounded by max_length, however long a row's text is.
     """
 
     def __init__(self, tokenizer, cfg: TokenizeConfig, mode: str, ref_logps: np.ndarray | None = None):
         self.tokenizer, self.cfg, self.mode, self.ref_logps = tokenizer, cfg, mode, ref_logps
 
+    def _encode(self, text: str, keep_end: bool = False) -> list[int]:
+        return self.tokenizer.encode(clip_text(text, self.cfg.max_length, keep_end))
+
     def map(self, element: tuple[int, Pair]) -> dict:
         index, pair = element
-        tok, eos = self.tokenizer, self.tokenizer.eos_id
-        prompt = tok.encode(pair.prompt)
+        eos = self.tokenizer.eos_id
+        prompt = self._encode(pair.prompt, keep_end=self.cfg.truncation == "keep_end")
         extras = {"index": np.int32(index)}
         if self.ref_logps is not None:
             extras["ref_logps"] = np.asarray(self.ref_logps[index], np.float32)
         if self.mode == "sft":
-            prompt, (target,) = truncate(prompt, [tok.encode(pair.target) + [eos]], self.cfg)
+            prompt, (target,) = truncate(prompt, [self._encode(pair.target) + [eos]], self.cfg)
             ids, loss = _sequence(prompt, target)
             return {"input_ids": ids, "loss_mask": loss, **extras}
         if pair.rejected is None:
             raise DataError(f"a preference batch needs rejected responses; this example has none: {pair.meta}")
         prompt, (chosen, rejected) = truncate(
-            prompt, [tok.encode(pair.chosen) + [eos], tok.encode(pair.rejected) + [eos]], self.cfg)
+            prompt, [self._encode(pair.chosen) + [eos], self._encode(pair.rejected) + [eos]], self.cfg)
         rows = [_sequence(prompt, chosen), _sequence(prompt, rejected)]
         return {"input_ids": [r[0] for r in rows], "loss_mask": [r[1] for r in rows], **extras}
 

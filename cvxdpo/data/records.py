@@ -6,6 +6,13 @@ so a Grain MapDataset over it has random access (global shuffle, exact resume)
 in bounded memory. Bad rows (broken JSON, bad UTF-8, a missing or mistyped
 field, empty text) are counted by reason and skipped with a warning naming the
 file and line, or raise a `DataError` in strict mode.
+
+No single row can exhaust memory either: a line longer than `max_row_bytes`
+(the config's `data.max_row_bytes`, 1 MiB by default) is skipped and counted
+after reading at most max_row_bytes + 1 bytes of it (the rest is read past in
+small chunks), so loading holds one row of at most max_row_bytes bytes, its
+decoded text and its parsed JSON at a time: O(max_row_bytes) memory per row,
+whatever the file holds.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import array
 import collections
 import dataclasses
 import gzip
+import itertools
 import json
 import os
 import shutil
@@ -24,9 +32,11 @@ from typing import Any
 
 from absl import logging
 
+from cvxdpo.config import MAX_ROW_BYTES
 from cvxdpo.errors import DataError, MissingFileError
 
 MAX_WARNINGS_PER_FILE = 10  # after this many warnings a file's bad rows are only counted
+_SKIP_CHUNK = 1 << 16  # the rest of an over-long line is read past in pieces of this size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +55,35 @@ class Pair:
 
 
 class BadRows:
-    """Counts skipped rows by reason, warns (a bounded number of times) or raises in strict mode."""
+    """The policy for unusable rows (the largest row read, whether a bad row stops the run) and their tally:
+    counts skipped rows by reason, warns (a bounded number of times) or raises in strict mode."""
 
-    def __init__(self, strict: bool = False):
+    def __init__(self, strict: bool = False, max_row_bytes: int = MAX_ROW_BYTES):
         self.strict = strict
+        self.max_row_bytes = max_row_bytes
         self.counts: collections.Counter[str] = collections.Counter()
         self._warned: collections.Counter[str] = collections.Counter()
 
-    def skip(self, where: str, line: int | None, reason: str) -> None:
+    def skip(self, where: str, line: int | None, reason: str, warn: bool = True) -> None:
+        """Counts a skipped row (`reason` up to its first colon is the count's key) and warns, unless `warn`
+        is False (the caller sums such rows up in one warning), or raises DataError in strict mode."""
         place = f"{where}:{line}" if line is not None else where
         if self.strict:
             raise DataError(f"{place}: {reason}")
         self.counts[reason.split(":")[0]] += 1
-        if self._warned[where] < MAX_WARNINGS_PER_FILE:
+        if warn and self._warned[where] < MAX_WARNINGS_PER_FILE:
             self._warned[where] += 1
             logging.warning("skipping %s: %s", place, reason)
+
+    def too_large(self, size: int) -> str:
+        return f"row too large: {size} bytes > data.max_row_bytes={self.max_row_bytes}"
+
+    def warn_too_large(self, where: str, lines: list[int]) -> None:
+        """One warning for all the rows of a file skipped as too large."""
+        if lines:
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            logging.warning("skipped %d rows of %s larger than data.max_row_bytes=%d bytes (lines %s)", len(lines),
+                            where, self.max_row_bytes, shown)
 
     @property
     def total(self) -> int:
@@ -104,31 +128,80 @@ def check_file(path: str, what: str = "data file") -> str:
 
 
 def plain_copy(path: str, cache_dir: str | None = None) -> str:
-    """`path` itself, or for `.gz` a decompressed copy (random access needs an uncompressed file)."""
+    """`path` itself, or for `.gz` a decompressed copy (random access needs an uncompressed file).
+
+    The copy goes to `cache_dir` (the config's `data.cache_dir`; a temporary
+    folder when None), named after the file and a hash of its absolute path, and
+    is made once: later runs reuse it until the source's size or time stamp
+    changes, when it is replaced, so copies never pile up. It is written to a
+    unique temporary name and renamed, so that processes unpacking at once never
+    read a half-written copy.
+    """
     check_file(path)
     if not path.endswith(".gz"):
         return path
     cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "cvxdpo-cache")
     os.makedirs(cache_dir, exist_ok=True)
+    source = os.path.abspath(path)
+    out = os.path.join(cache_dir, f"{os.path.basename(path)[:-3]}.{zlib.crc32(source.encode()):08x}")
     stat = os.stat(path)
-    out = os.path.join(cache_dir, f"{os.path.basename(path)[:-3]}.{stat.st_size}.{int(stat.st_mtime)}")
-    if not os.path.exists(out):
-        try:
-            with gzip.open(path, "rb") as src, open(out + ".tmp", "wb") as dst:
-                shutil.copyfileobj(src, dst)
-        except (OSError, EOFError) as e:
-            raise DataError(f"{path}: cannot decompress ({e})") from None
-        os.replace(out + ".tmp", out)
+    stamp = f"{source} {stat.st_size} {stat.st_mtime_ns}"
+    if os.path.exists(out) and _read_text(out + ".source") == stamp:
+        return out
+    fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix=os.path.basename(out) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as dst, gzip.open(path, "rb") as src:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, out)
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot decompress ({e})") from None
+    finally:
+        if os.path.exists(tmp):  # a failed or interrupted copy leaves nothing behind
+            os.unlink(tmp)
+    with open(out + ".source", "w") as f:
+        f.write(stamp)
     return out
 
 
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _bounded_lines(f, limit: int) -> Iterator[tuple[int, int, bytes | None, int]]:
+    """(line number, byte offset, the line or None when it is over `limit` bytes, its size in bytes) for each
+    line of the binary file `f`, holding at most limit + 1 bytes of a line at once."""
+    offset = 0
+    for lineno in itertools.count(1):
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        size = len(raw)
+        if size > limit and not raw.endswith(b"\n"):  # more than `limit` bytes before the newline
+            raw = None
+            while True:
+                chunk = f.readline(_SKIP_CHUNK)
+                size += len(chunk)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+        yield lineno, offset, raw, size
+        offset += size
+
+
 def iter_json_lines(path: str, bad: BadRows, display: str | None = None) -> Iterator[tuple[int, int, Any]]:
-    """(line number, byte offset, parsed JSON) for each parsable line; the rest go to `bad`."""
+    """(line number, byte offset, parsed JSON) for each parsable line; the rest go to `bad` (rows over
+    `bad.max_row_bytes` are summed up in one warning per file)."""
     display = display or path
+    too_large = []
     with open(path, "rb") as f:
-        offset = 0
-        for lineno, raw in enumerate(f, start=1):
-            start, offset = offset, offset + len(raw)
+        for lineno, start, raw, size in _bounded_lines(f, bad.max_row_bytes):
+            if raw is None:
+                bad.skip(display, lineno, bad.too_large(size), warn=False)
+                too_large.append(lineno)
+                continue
             if not raw.strip():
                 continue
             try:
@@ -140,6 +213,7 @@ def iter_json_lines(path: str, bad: BadRows, display: str | None = None) -> Iter
                 yield lineno, start, json.loads(text)
             except json.JSONDecodeError as e:
                 bad.skip(display, lineno, f"broken JSON: {e.msg}")
+    bad.warn_too_large(display, too_large)
 
 
 def read_json_line(path: str, offset: int) -> Any:

@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 
 from absl import logging
 
+from cvxdpo.config import MAX_ROW_BYTES
 from cvxdpo.data.records import BadRows, FieldError, JsonlIndex, Pair, read_json_line, require_number, require_text
 from cvxdpo.errors import ConfigError, MissingFileError
 
@@ -59,7 +60,7 @@ class SHPSource(Sequence):
 
     def __init__(self, root: str, split: str = "train", domains: Sequence[str] | None = None,
                  max_pairs_per_post: int | None = None, min_score_ratio: float = MIN_SCORE_RATIO,
-                 strict: bool = False):
+                 strict: bool = False, max_row_bytes: int = MAX_ROW_BYTES):
         if split not in SPLITS:
             raise ConfigError(f"SHP split {split!r} is unknown; choose one of {', '.join(SPLITS)}")
         if not os.path.isdir(root):
@@ -74,7 +75,7 @@ class SHPSource(Sequence):
             raise MissingFileError(f"SHP directory {root!r} has no {split}.json for domain(s) {', '.join(missing)}")
         if not domains:
             raise MissingFileError(f"SHP directory {root!r} holds no <domain>/{split}.json files")
-        self.bad = BadRows(strict)
+        self.bad = BadRows(strict, max_row_bytes)
         self.min_score_ratio = min_score_ratio
         self._per_post: dict[str, int] = {}
         self._best: dict[str, tuple[float, int, int, str]] = {}  # post -> (score, file, offset, "A"/"B")

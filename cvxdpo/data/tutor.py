@@ -26,8 +26,9 @@ import importlib.resources
 import json
 from collections.abc import Iterable, Iterator
 
-from cvxdpo.data.records import (BadRows, FieldError, Pair, check_file, iter_json_lines, plain_copy,
-                                 split_by_hash)
+from cvxdpo.config import MAX_ROW_BYTES
+from cvxdpo.data.records import BadRows, FieldError, Pair, check_file, iter_json_lines, plain_copy, split_by_hash
+from cvxdpo.errors import DataError
 
 # The paper's list has 15 entries with literature twice: 14 distinct subjects.
 PAPER_SUBJECTS = ("math", "science", "history", "literature", "art", "geography", "biology", "physics",
@@ -95,17 +96,21 @@ def alternating_pairs(conv: Conversation, slide: bool = False, with_history: boo
     return pairs, dropped
 
 
-def read_conversations(path: str, bad: BadRows) -> Iterator[Conversation]:
-    """Conversations from a JSON list or JSON lines (optionally gzipped); bad ones go to `bad`."""
+def read_conversations(path: str, bad: BadRows, cache_dir: str | None = None) -> Iterator[Conversation]:
+    """Conversations from a JSON list or JSON lines (optionally gzipped: unpacked once into `cache_dir`, see
+    `records.plain_copy`); bad ones go to `bad`."""
     check_file(path, "conversation file")
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        head = f.read(64).lstrip()
+    try:
+        with opener(path, "rb") as f:
+            head = f.read(64).lstrip()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot decompress ({e})") from None
     if head.startswith(b"["):  # one JSON document holding a list of conversations
         try:
             with opener(path, "rt", encoding="utf-8") as f:
                 rows = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, EOFError) as e:
             bad.skip(path, None, f"broken JSON: {e}")
             return
         if not isinstance(rows, list):
@@ -115,7 +120,8 @@ def read_conversations(path: str, bad: BadRows) -> Iterator[Conversation]:
             rows = [rows]  # the whole file is one chat
         numbered = ((k, row) for k, row in enumerate(rows, start=1))
     else:
-        numbered = ((lineno, row) for lineno, _, row in iter_json_lines(plain_copy(path), bad, display=path))
+        numbered = ((lineno, row) for lineno, _, row in iter_json_lines(plain_copy(path, cache_dir), bad,
+                                                                        display=path))
     for where, row in numbered:
         try:
             yield parse_conversation(row)
@@ -145,15 +151,17 @@ def _pairs_of(conversations: Iterable[Conversation], slide: bool, with_history: 
     return pairs, dropped
 
 
-def _read_all(path: str | None, strict: bool) -> tuple[list[Conversation], BadRows]:
-    bad = BadRows(strict)
-    return list(read_conversations(path or bundled_path(), bad)), bad
+def _read_all(path: str | None, strict: bool, cache_dir: str | None,
+              max_row_bytes: int) -> tuple[list[Conversation], BadRows]:
+    bad = BadRows(strict, max_row_bytes)
+    return list(read_conversations(path or bundled_path(), bad, cache_dir)), bad
 
 
 def load_tutor_pairs(path: str | None = None, slide: bool = False, with_history: bool = False,
-                     strict: bool = False) -> TutorPairs:
+                     strict: bool = False, cache_dir: str | None = None,
+                     max_row_bytes: int = MAX_ROW_BYTES) -> TutorPairs:
     """All alternating pairs of a conversation file (default: the bundled tutor set)."""
-    conversations, bad = _read_all(path, strict)
+    conversations, bad = _read_all(path, strict, cache_dir, max_row_bytes)
     pairs, dropped = _pairs_of(conversations, slide, with_history)
     return TutorPairs(pairs, len(conversations), dropped, bad)
 
@@ -196,7 +204,8 @@ def drop_leaked(train: Iterable[Pair], held_out: list[Pair]) -> tuple[list[Pair]
 
 
 def load_tutor_split(path: str | None, eval_fraction: float, slide: bool = False, with_history: bool = False,
-                     strict: bool = False) -> TutorSplit:
+                     strict: bool = False, cache_dir: str | None = None,
+                     max_row_bytes: int = MAX_ROW_BYTES) -> TutorSplit:
     """Training and held-out pairs of a conversation file, split by conversation and cleaned of shared texts.
 
     A conversation is held out when a hash of its `conversation_key` falls under
@@ -211,7 +220,7 @@ def load_tutor_split(path: str | None, eval_fraction: float, slide: bool = False
     are dropped and counted (`leaked`): 244 clean held-out pairs remain (from
     132 conversations), against 24,922 training pairs.
     """
-    conversations, bad = _read_all(path, strict)
+    conversations, bad = _read_all(path, strict, cache_dir, max_row_bytes)
     train_convs, held_convs = split_by_hash(conversations, eval_fraction,
                                             key=lambda i: conversation_key(conversations[i], i))
     train, train_dropped = _pairs_of(train_convs, slide, with_history)

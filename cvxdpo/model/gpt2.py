@@ -91,10 +91,11 @@ PRESETS = {
 
 
 def preset(name: str, **overrides) -> GPT2Config:
-    """A GPT2Config from a preset name; keyword overrides win (e.g. vocab_size for a trained BPE)."""
+    """A GPT2Config from a preset name; keyword overrides win (e.g. vocab_size for a trained BPE), except
+    None, which keeps the preset's value (an unset field of the config's `model.overrides`)."""
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}")
-    return GPT2Config(**{**PRESETS[name], **overrides})
+    return GPT2Config(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
 
 
 class GPT2Output(NamedTuple):

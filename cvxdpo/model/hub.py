@@ -5,7 +5,10 @@
 downloads them with `huggingface_hub` when given a hub name. Each tensor is
 checked for presence and shape, reshaped into cvxdpo's stacked layout and
 placed on the mesh with its own sharding. `save_pretrained` writes files that
-`transformers.GPT2LMHeadModel.from_pretrained` loads.
+`transformers.GPT2LMHeadModel.from_pretrained` loads. A file that is not what
+its name says (garbage bytes as model.safetensors, a config.json that is not
+a JSON object of GPT-2 settings) is a one-line ConfigError or CheckpointError
+naming the file.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from cvxdpo import mesh as mesh_lib
-from cvxdpo.errors import ConfigError, MissingFileError
+from cvxdpo.errors import CheckpointError, ConfigError, MissingFileError
 from cvxdpo.model import gpt2
 
 # The preset names are also the short names of the hub's GPT-2 repositories.
@@ -38,10 +41,20 @@ _INDEX = "model.safetensors.index.json"
 _TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 _SPECS = {spec.path: spec for spec in gpt2.PARAMS}  # nnx state path -> its row of gpt2.PARAMS
+_INT_FIELDS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head", "n_inner", "bos_token_id", "eos_token_id")
 
 
 def config_from_hf(hf: dict, where: str = "config.json", **overrides) -> gpt2.GPT2Config:
     """GPT2Config from a Hugging Face config dict; refuses what is not a plain GPT-2."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{where}: holds a JSON {type(hf).__name__}, not an object of GPT-2 settings")
+    for key in _INT_FIELDS:
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{where}: {key} is {value!r}, not an integer")
+    epsilon = hf.get("layer_norm_epsilon", 1e-5)
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise ConfigError(f"{where}: layer_norm_epsilon is {epsilon!r}, not a number")
     if hf.get("model_type") != "gpt2":
         raise ConfigError(f"{where}: model_type is {hf.get('model_type')!r}, not 'gpt2'; cvxdpo loads GPT-2 models only")
     act = hf.get("activation_function", "gelu_new")
@@ -106,25 +119,46 @@ def _resolve(name_or_dir: str) -> str:
         ) from None
 
 
+def _read_json(path: str):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+
+
+def _open_weights(path: str):
+    """safetensors.safe_open, with a file that is not safetensors named as such."""
+    try:
+        return safetensors.safe_open(path, framework="numpy")
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
 def _tensor_reader(directory: str) -> Callable[[str], np.ndarray | None]:
     """A function key -> numpy tensor (None when absent), over one file or a sharded index."""
     index_path = os.path.join(directory, _INDEX)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
+        weight_map = _read_json(index_path)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ConfigError(f"{index_path}: has no 'weight_map' object of tensor name -> file name")
         files = {k: os.path.join(directory, v) for k, v in weight_map.items()}
     else:
         path = os.path.join(directory, _WEIGHTS)
         if not os.path.exists(path):
             raise MissingFileError(f"{directory}: no {_WEIGHTS} (or {_INDEX}); cvxdpo reads safetensors weights only")
-        with safetensors.safe_open(path, framework="numpy") as f:
+        with _open_weights(path) as f:
             files = {k: path for k in f.keys()}
 
     def read(key: str) -> np.ndarray | None:
         for candidate in (key, "transformer." + key):
             if candidate in files:
-                with safetensors.safe_open(files[candidate], framework="numpy") as f:
-                    return f.get_tensor(candidate)
+                with _open_weights(files[candidate]) as f:
+                    try:
+                        return f.get_tensor(candidate)
+                    except safetensors.SafetensorError as e:  # e.g. a file cut short after its header
+                        raise CheckpointError(f"{files[candidate]}: cannot read tensor {candidate!r} ({e})") from None
         return None
 
     return read
@@ -158,12 +192,7 @@ def load_pretrained(name_or_dir: str, mesh: jax.sharding.Mesh | None = None, **c
     config_path = os.path.join(directory, "config.json")
     if not os.path.exists(config_path):
         raise MissingFileError(f"{directory}: no config.json; a model directory needs config.json and {_WEIGHTS}")
-    try:
-        with open(config_path) as f:
-            hf_config = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{config_path}: not valid JSON ({e})") from None
-    cfg = config_from_hf(hf_config, config_path, **config_overrides)
+    cfg = config_from_hf(_read_json(config_path), config_path, **config_overrides)
     read = _tensor_reader(directory)
 
     mesh = mesh or mesh_lib.make_mesh()

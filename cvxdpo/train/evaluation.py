@@ -107,6 +107,9 @@ class Evaluator:
         self.keys = None  # the held-out pairs' clusters and score ratios, read at the first evaluation
 
     def __call__(self, state) -> dict:
+        """The held-out metrics; none (an empty dict) without held-out examples (data.eval_fraction=0)."""
+        if len(self.source) == 0:
+            return {}
         t = per_example(lambda batch: self.step(state, batch), self.source, self.tokenizer, self.tok_cfg,
                         self.batch_size, self.mesh, self.mode, self.ref_logps)
         if self.mode == "sft":

@@ -87,6 +87,8 @@ def _spec(path: str, rows: int) -> dict:
 
 def reference_logps(graphdef, params, source, tokenizer, tok_cfg, batch_size: int, mesh, cache_dir: str) -> np.ndarray:
     """(len(source), 2) reference log-probs of [chosen, rejected], computed once and cached."""
+    if len(source) == 0:  # e.g. the held-out source of a run without held-out evaluation
+        return np.zeros((0, 2), np.float32)
     path = os.path.join(cache_dir, f"{cache_key(source, tokenizer, tok_cfg, graphdef, params)}.zarr")
     if os.path.exists(os.path.join(path, ".zarray")):
         logging.info("reusing precomputed reference log-probs %s", path)
