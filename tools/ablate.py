@@ -312,12 +312,49 @@ def collect(a, size, methods) -> list[dict]:
         with open(os.path.join(workdir, "usage.json")) as f:
             usage = json.load(f)
         sampled = ev["sampling"]["temperature_1"]
-        steps = [r["time/step_s"] for r in read_metrics(workdir) if "time/step_s" in r]
-        rows.append({"method": method, "beta": beta, "learning_rate": lr, "seed": seed, "reward": sampled["reward"], "kl": sampled["kl"],
-                     "accuracy_raw": ev["accuracy"]["raw"], "accuracy_reference_adjusted":
-                     ev["accuracy"]["reference_adjusted"], "step_s": statistics.median(steps),
-                     "peak_rss_mib": usage["peak_rss_mib"]})
+        logged = read_metrics(workdir)
+        rows.append({"method": method, "beta": beta, "learning_rate": lr, "seed": seed, "reward": sampled["reward"],
+                     "kl": sampled["kl"], "distinct_2": sampled["distinct_2"],
+                     "repeated_3gram_rate": sampled["repeated_3gram_rate"]["mean"], "accuracy_raw": ev["accuracy"]["raw"],
+                     "accuracy_reference_adjusted": ev["accuracy"]["reference_adjusted"],
+                     "step_s": statistics.median(r["time/step_s"] for r in logged if "time/step_s" in r),
+                     "peak_rss_mib": usage["peak_rss_mib"], **anchor_diagnostics(logged)})
     return rows
+
+
+ANCHOR_KEYS = ("weight_change_mean", "weight_change_p90", "heldout_accuracy", "anchor_to_policy")
+
+
+def anchor_diagnostics(logged: list[dict]) -> dict:
+    """A DPO-Convex run's anchor diagnostics averaged over the logged steps after its first refit (none for
+    the other methods)."""
+    fitted = [r for r in logged if r.get("convex/iterations", 0) > 0]
+    return {f"anchor_{k}": statistics.fmean(r[f"convex/{k}"] for r in fitted) for k in ANCHOR_KEYS} if fitted else {}
+
+
+def paired_table(rows, size, anchor: str = "convex_margin") -> str:
+    """Each method at its middle strength against `anchor` at its own, seed by seed (same data order and
+    evaluation prompts): the mean and range over seeds of the reward and KL differences."""
+    def at(method, seed):
+        return next((r for r in rows if r["method"] == method and r["seed"] == seed
+                     and r["beta"] == middle_strength(size, method)), None)
+
+    lines = [f"| method (middle strength) | seeds | reward − {anchor} (mean, [min, max]) | KL − {anchor} | "
+             "anchor |Δweight| mean / p90 | anchor held-out accuracy |", "|---|---|---|---|---|---|"]
+    for method in sorted({r["method"] for r in rows} - {anchor}):
+        pairs = [(at(method, s), at(anchor, s)) for s in sorted({r["seed"] for r in rows})]
+        pairs = [(x, y) for x, y in pairs if x and y]
+        if not pairs:
+            continue
+        dr = [x["reward"]["mean"] - y["reward"]["mean"] for x, y in pairs]
+        dk = [x["kl"]["mean"] - y["kl"]["mean"] for x, y in pairs]
+        diag = [x for x, _ in pairs if "anchor_heldout_accuracy" in x]
+        change = (f"{statistics.fmean(x['anchor_weight_change_mean'] for x in diag):.3f} / "
+                  f"{statistics.fmean(x['anchor_weight_change_p90'] for x in diag):.3f}") if diag else "-"
+        accuracy = f"{statistics.fmean(x['anchor_heldout_accuracy'] for x in diag):.3f}" if diag else "-"
+        lines.append(f"| {method} | {len(pairs)} | {statistics.fmean(dr):+.3f} [{min(dr):+.3f}, {max(dr):+.3f}] | "
+                     f"{statistics.fmean(dk):+.2f} [{min(dk):+.2f}, {max(dk):+.2f}] | {change} | {accuracy} |")
+    return "\n".join(lines)
 
 
 def _mean_over_seeds(rows, method, beta, key):
@@ -350,17 +387,21 @@ def matched_kl_table(rows, sft_reward: float) -> str:
 
 
 def runs_table(rows) -> str:
-    lines = ["| method | beta | seeds | reward (mean ± sd over seeds) | KL | accuracy raw | accuracy ref-adj | "
-             "step s | peak RSS MiB |", "|---|---|---|---|---|---|---|---|---|"]
+    """Per method and strength: seed means ± sd, the mean half-width of a run's 95% bootstrap interval over
+    prompts (the within-run uncertainty), degeneration checks, pair accuracies, step time and memory."""
+    lines = ["| method | beta | seeds | reward (mean ± sd over seeds) | ± 95% CI over prompts | KL | distinct-2 | "
+             "repeated 3-grams | accuracy raw | accuracy ref-adj | step s | peak RSS MiB |", "|---" * 12 + "|"]
     for method in sorted({r["method"] for r in rows}):
         for beta in sorted({r["beta"] for r in rows if r["method"] == method}):
             (rw, rs, n), (kl, ks, _) = (_mean_over_seeds(rows, method, beta, k) for k in ("reward", "kl"))
-            acc = _mean_over_seeds(rows, method, beta, "accuracy_raw")[0]
-            adj = _mean_over_seeds(rows, method, beta, "accuracy_reference_adjusted")[0]
-            step = _mean_over_seeds(rows, method, beta, "step_s")[0]
-            rss = _mean_over_seeds(rows, method, beta, "peak_rss_mib")[0]
-            lines.append(f"| {method} | {beta:g} | {n} | {rw:.3f} ± {rs:.3f} | {kl:.2f} ± {ks:.2f} | {acc:.3f} | "
-                         f"{adj:.3f} | {step:.3f} | {rss:.0f} |")
+            mean = {k: _mean_over_seeds(rows, method, beta, k)[0] for k in (
+                "distinct_2", "repeated_3gram_rate", "accuracy_raw", "accuracy_reference_adjusted", "step_s",
+                "peak_rss_mib")}
+            half = statistics.fmean((r["reward"]["hi"] - r["reward"]["lo"]) / 2 for r in rows
+                                    if r["method"] == method and r["beta"] == beta)
+            lines.append(f"| {method} | {beta:g} | {n} | {rw:.3f} ± {rs:.3f} | {half:.3f} | {kl:.2f} ± {ks:.2f} | "
+                         f"{mean['distinct_2']:.3f} | {mean['repeated_3gram_rate']:.3f} | {mean['accuracy_raw']:.3f} | "
+                         f"{mean['accuracy_reference_adjusted']:.3f} | {mean['step_s']:.3f} | {mean['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 
 
@@ -394,7 +435,8 @@ def step_report(a, size, methods) -> None:
         tuned = json.load(f)
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump({"size": size, "rows": rows, "sft_reward": sft_reward, "tuning": tuned}, f, indent=2)
-    report = runs_table(rows) + "\n\n" + matched_kl_table(rows, sft_reward) if rows else "no finished runs"
+    report = "\n\n".join((runs_table(rows), matched_kl_table(rows, sft_reward), paired_table(rows, size))) if rows \
+        else "no finished runs"
     with open(os.path.join(a.out, "ablation.md"), "w") as f:
         f.write(report + "\n")
     if rows:
