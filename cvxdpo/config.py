@@ -13,6 +13,7 @@ max_prompt_length 256, beta 0.1.
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tempfile
 
@@ -149,19 +150,33 @@ def unknown_key(config: ml_collections.ConfigDict, key: str) -> str | None:
     return None
 
 
+def _fields(node: ml_collections.ConfigDict, path: tuple[str, ...] = ()):
+    """(dotted key, value) of every field of a config tree, each section before the fields in it."""
+    for key, value in node.items():
+        yield ".".join((*path, key)), value
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from _fields(value, (*path, key))
+
+
 def _check_keys(c: ml_collections.ConfigDict) -> None:
     """Every field of `c` is one of the defaults': a misspelt field in a config file would be ignored."""
     defaults = default_config()
+    for key, _ in _fields(c):
+        problem = unknown_key(defaults, key)
+        if problem:
+            raise ConfigError(problem)
 
-    def walk(node, path):
-        for key, value in node.items():
-            problem = unknown_key(defaults, ".".join(path + [key]))
-            if problem:
-                raise ConfigError(problem)
-            if isinstance(value, ml_collections.ConfigDict):
-                walk(value, path + [key])
 
-    walk(c, [])
+def _check_numbers(c: ml_collections.ConfigDict) -> None:
+    """No field is NaN: NaN passes every range check (each comparison is false), so it would surface only as
+    a diverged loss, blamed on the learning rate. The divergence guard's bounds must be positive: at 0 every
+    run stops at its first step, with the same wrong blame."""
+    for key, value in _fields(c):
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{key} is NaN; it needs a number")
+    for name in ("max_abs_loss", "max_abs_logp"):
+        if not c.train[name] > 0:
+            raise ConfigError(f"train.{name} must be positive, got {c.train[name]}")
 
 
 def _check_model(c: ml_collections.ConfigDict) -> None:
@@ -204,6 +219,7 @@ def validate(c: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Raises ConfigError naming the first impossible value (the `loss`, `signal` and `anchor` sections are
     checked by the dataclasses they build); with `workdir`, creates it (see `check_workdir`)."""
     _check_keys(c)
+    _check_numbers(c)
     _choice(c.train.method, METHODS, "train.method")
     _choice(c.train.reference, REFERENCES, "train.reference")
     _choice(c.train.optimizer, OPTIMIZERS, "train.optimizer")

@@ -7,6 +7,7 @@ and keeps its traceback.
 """
 
 import contextlib
+import logging as std_logging
 import os
 import re
 import sys
@@ -173,8 +174,9 @@ def _unloaded_config(argv) -> str | None:
             return f"--{flag.name}: {e}"
         except AttributeError:
             pass
+        hint = " (a missing return statement?)" if flag.value is None else ""
         return (f"--{flag.name}={_flag_value(flag.name, argv)}: get_config() returned "
-                f"{type(flag.value).__name__}, not a ConfigDict")
+                f"{type(flag.value).__name__}, not a ConfigDict{hint}")
     return None
 
 
@@ -188,14 +190,28 @@ def describe_flag_error(error: BaseException, argv) -> str:
     return _describe_exception(error)
 
 
+class _DropConfigLoaderRecords(std_logging.Filter):
+    """ml_collections logs only when a config file fails to load (get_config() returning None, a failed
+    import): the error line that follows says the same, and absl prefixes the first record logged before
+    flags are parsed with a banner line of its own."""
+
+    def filter(self, record):
+        return "ml_collections" not in record.pathname
+
+
 def parse_flags(argv) -> list[str]:
     """absl's flag parsing with every failure (a flag, a config file, a config override) as one line."""
-    with user_errors(argv, Exception, lambda e: describe_flag_error(e, argv)):
-        rest = flags.FLAGS(argv)
-        problem = _unloaded_config(argv)
-        if problem:
-            raise flags.Error(problem)
-        return rest
+    drop = _DropConfigLoaderRecords()
+    std_logging.getLogger("absl").addFilter(drop)
+    try:
+        with user_errors(argv, Exception, lambda e: describe_flag_error(e, argv)):
+            rest = flags.FLAGS(argv)
+            problem = _unloaded_config(argv)
+            if problem:
+                raise flags.Error(problem)
+            return rest
+    finally:
+        std_logging.getLogger("absl").removeFilter(drop)
 
 
 def _describe_error(e: Exception) -> str:

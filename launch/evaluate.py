@@ -18,7 +18,7 @@ import os
 
 import jax
 import numpy as np
-from absl import flags
+from absl import flags, logging
 from flax import nnx
 
 from cvxdpo import mesh as mesh_lib
@@ -91,9 +91,25 @@ def load_model(spec: str, mesh):
     return hub.load_pretrained(directory, mesh), common.model_tokenizer(directory)
 
 
-def score_pairs(policy, reference, pairs, tokenizer, mesh) -> dict:
+def fitted_lengths(n_positions: int) -> pipeline.TokenizeConfig:
+    """--max_length and --max_prompt_length, capped to the model's `n_positions` with a one-line warning.
+
+    A longer sequence would not fail: JAX clamps an out-of-range position lookup, so every token past the
+    last position would be scored with that position's embedding. Capping rather than refusing keeps the
+    default --max_length=512 usable on the quickstart model (256 positions), as the README runs it. A prompt
+    length that no longer fits under the capped length becomes half of it, the ratio of the flags' defaults.
+    """
+    max_length, max_prompt = MAX_LENGTH.value, MAX_PROMPT.value
+    if max_length > n_positions:
+        max_length = n_positions
+        max_prompt = max_prompt if max_prompt < max_length else max_length // 2
+        logging.warning("--max_length=%d is longer than the model's %d positions: evaluating with --max_length=%d "
+                        "--max_prompt_length=%d", MAX_LENGTH.value, n_positions, max_length, max_prompt)
+    return pipeline.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt)
+
+
+def score_pairs(policy, reference, pairs, tokenizer, tok_cfg: pipeline.TokenizeConfig, mesh) -> dict:
     """Per-pair log-probs and lengths under the policy (and the reference)."""
-    tok_cfg = pipeline.TokenizeConfig(max_length=MAX_LENGTH.value, max_prompt_length=MAX_PROMPT.value)
     graphdef, params = nnx.split(policy)
     ref_params = None if reference is None else nnx.split(reference)[1]
 
@@ -109,12 +125,12 @@ def score_pairs(policy, reference, pairs, tokenizer, mesh) -> dict:
     return evaluation.per_example(jax.jit(forward), pairs, tokenizer, tok_cfg, BATCH.value, mesh)
 
 
-def sampling_report(policy, reference, tokenizer, pairs, mesh) -> dict:
+def sampling_report(policy, reference, tokenizer, pairs, max_prompt: int, mesh) -> dict:
     """Per temperature: length, distinct-1/2, repeated 3-grams, KL to the reference, reward and win rate."""
     prompts = sorted({pairs[k].prompt for k in range(len(pairs))})
     rng = np.random.default_rng(SEED.value)
     prompts = [prompts[i] for i in rng.permutation(len(prompts))[:MAX_PROMPTS.value]]
-    encoded = [tokenizer.encode(p)[-MAX_PROMPT.value:] or [tokenizer.eos_id] for p in prompts]
+    encoded = [tokenizer.encode(p)[-max_prompt:] or [tokenizer.eos_id] for p in prompts]
     reward = rewards_lib.get_reward(REWARD.value, REWARD_MODEL.value) if REWARD.value else None
     baseline = load_model(BASELINE.value, mesh)[0] if BASELINE.value else None
     report = {"prompts": len(prompts), "samples_per_prompt": SAMPLES.value, "max_new_tokens": MAX_NEW.value}
@@ -172,27 +188,29 @@ def evaluate(mesh) -> dict:
         raise ConfigError("--model, --data_source, --data_path and --out are required (or --tally with --answer_key)")
     policy, tokenizer = load_model(MODELS.value[0], mesh)
     reference = load_model(REFERENCE.value, mesh)[0] if REFERENCE.value else None
+    tok_cfg = fitted_lengths(min(m.cfg.n_positions for m in (policy, reference) if m is not None))
     cache_dir = os.path.join(OUT.value, "cache")
     pairs, skipped = load_split(SOURCE.value, DATA_PATH.value, SPLIT.value, tokenizer, cache_dir, SEED.value)
     if len(pairs) == 0:
         raise DataError(f"--data_path={DATA_PATH.value} (--data_source={SOURCE.value}) gave no usable pairs; "
                         f"skipped: {skipped or 'none'}")
     pairs = shuffled(pairs, MAX_PAIRS.value, SEED.value)
-    tables = score_pairs(policy, reference, pairs, tokenizer, mesh)
+    tables = score_pairs(policy, reference, pairs, tokenizer, tok_cfg, mesh)
     result = {"model": MODELS.value[0], "reference": REFERENCE.value,
               "data": {"source": SOURCE.value, "path": DATA_PATH.value, "split": SPLIT.value, "seed": SEED.value,
                        "max_pairs": MAX_PAIRS.value},
               "n_skipped": int(sum(skipped.values())), "skipped": skipped,
               **evaluation.pair_report(tables, evaluation.pair_keys(pairs), BETA.value, SEED.value)}
     if SAMPLES.value:
-        result["sampling"] = sampling_report(policy, reference, tokenizer, pairs, mesh)
+        result["sampling"] = sampling_report(policy, reference, tokenizer, pairs, tok_cfg.max_prompt_length, mesh)
     if SURVEY.value:
         prompts = [pairs[k].prompt for k in range(min(SURVEY.value, len(pairs)))]
         answers = {}
         for spec in MODELS.value:
             model, tok = load_model(spec, mesh)
-            answers[spec] = sample_eval.sample(model, tok, [tok.encode(p)[-MAX_PROMPT.value:] for p in prompts], 1,
-                                               float(TEMPERATURES.value[0]), MAX_NEW.value, SEED.value).texts
+            encoded = [tok.encode(p)[-tok_cfg.max_prompt_length:] for p in prompts]
+            answers[spec] = sample_eval.sample(model, tok, encoded, 1, float(TEMPERATURES.value[0]), MAX_NEW.value,
+                                               SEED.value).texts
         result["survey"] = survey_lib.export_survey(prompts, answers, OUT.value, None, SEED.value)
     return result
 

@@ -16,12 +16,14 @@ import pytest
 
 from cvxdpo import config as config_lib
 from cvxdpo.convex.classifier import ConvexReLUClassifier
-from cvxdpo.data import imdb, jsonl, pipeline
+from cvxdpo.data import imdb, jsonl, pipeline, tutor
 from cvxdpo.data.records import Pair
 from cvxdpo.data.tokenizer import load_tokenizer
 from cvxdpo.errors import CheckpointError, ConfigError, DataError, MissingFileError
 from cvxdpo.model import gpt2, hub
 from cvxdpo.train import data as data_lib
+from cvxdpo.train.checkpoint import Checkpointer
+from cvxdpo.train.logs import MetricsWriter, read_metrics
 from cvxdpo.train.trainer import Trainer
 from data_fixtures import write_jsonl
 from launch import common
@@ -30,6 +32,7 @@ from tiny_config import get_config
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = {"prompt": "Tell me about stars.", "chosen": " bright clear kind", "rejected": " dull vague rude"}
 MB = 1 << 20
+LOG_RECORD = re.compile(r"^([IWEF]\d{4} |\S+:\d+: \w+: )")  # an absl log record, or a warning (launch/common.py)
 
 
 def _cli(*args, module="launch.train"):
@@ -41,12 +44,12 @@ def _cli(*args, module="launch.train"):
 
 def _assert_one_line_error(proc, expected: str) -> None:
     """Exit status 2, no traceback, and the last stderr line is `error: ...` holding `expected`; any other
-    stderr line is a one-line log record (a warning)."""
+    stderr line is a one-line log record (a warning), not a banner or a continuation."""
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert lines[-1].startswith("error: ") and expected in lines[-1], lines[-1]
-    assert all(line[:1] in "WIE" for line in lines[:-1]), lines
+    assert all(LOG_RECORD.match(line) for line in lines[:-1]), lines
 
 
 @pytest.fixture
@@ -89,7 +92,7 @@ def test_bad_command_line_is_one_line(tmp_path, pairs, args, expected):
 
 @pytest.mark.parametrize("body, expected", [
     (None, "config file 'no/such/config.py' does not exist"),
-    ("    return None\n", "get_config() returned NoneType, not a ConfigDict"),
+    ("    return None\n", "get_config() returned NoneType, not a ConfigDict (a missing return statement?)"),
     ("    return default_config(\n", "SyntaxError: "),
     ("    c = default_config()\n    c.train.steps = 'many'\n    return c\n",
      "TypeError: Could not override field 'steps'"),
@@ -260,6 +263,15 @@ def test_eval_fraction_zero_trains_without_held_out_evaluation(tmp_path, pairs):
     assert len(trainer.train_source) == 240 and len(trainer.eval_source) == 0
     report = trainer.run()
     assert report["steps"] == 2 and report["eval_before"] == {} and report["eval_after"] == {}
+    assert all(set(row) != {"step"} for row in read_metrics(str(tmp_path / "run")))  # no empty evaluation rows
+
+
+def test_an_empty_evaluation_writes_no_metrics_row(tmp_path):
+    writer = MetricsWriter(str(tmp_path), resume_step=0, enabled=True)
+    writer.write(0, {}, "eval/")
+    writer.write(1, {"loss": 0.5})
+    writer.close()
+    assert read_metrics(str(tmp_path)) == [{"step": 1, "loss": 0.5}]
 
 
 def test_bundled_tutor_data_is_unpacked_once_into_the_cache_dir(tmp_path):
@@ -316,7 +328,11 @@ def test_classifier_bad_arguments(call, error, message):
     ({"train.learnig_rate": 1e-3}, "unknown config key train.learnig_rate; did you mean train.learning_rate?"),
     ({"model.overrides.vocab_size": 10}, "unknown config key model.overrides.vocab_size; model.overrides has "),
     ({"optimiser": "adamw"}, "unknown config key optimiser; the config has anchor, data, loss, mesh"),
-], ids=["row-cap", "workers", "eval-fraction-1", "source", "field-typo", "override-field", "top-level-typo"])
+    ({"train.learning_rate": float("nan")}, "train.learning_rate is NaN; it needs a number"),
+    ({"train.method": "dpo_convex", "signal.gamma": float("nan")}, "signal.gamma is NaN; it needs a number"),
+    ({"train.max_abs_loss": 0.0}, "train.max_abs_loss must be positive, got 0.0"),
+], ids=["row-cap", "workers", "eval-fraction-1", "source", "field-typo", "override-field", "top-level-typo",
+        "nan-learning-rate", "nan-signal-gamma", "guard-bound-zero"])
 def test_impossible_config_values(tiny, changes, message):
     for key, value in changes.items():
         *sections, field = key.split(".")
@@ -348,6 +364,18 @@ def test_data_file_with_no_usable_rows(tmp_path, tiny, content, error, message):
         _load(tiny, tmp_path)
 
 
+@pytest.mark.parametrize("line, reason", [
+    ('{"prompt": "p", "cho', "Unterminated string starting at column 17"),
+    ('{"prompt": "p", "chosen": ', "Expecting value at column 27"),
+    ('{"prompt": "p"} x', "Extra data at column 17"),
+], ids=["cut-in-a-string", "cut-after-a-key", "extra-data"])
+def test_broken_json_row_is_named_by_file_line_and_column(tmp_path, line, reason):
+    """json's own messages end in "at" and expect the position after them."""
+    path = write_jsonl(str(tmp_path / "pairs.jsonl"), [GOOD, line])
+    with pytest.raises(DataError, match=f"pairs.jsonl:2: broken JSON: {reason}$"):
+        jsonl.jsonl_source(path, strict=True)
+
+
 def test_missing_chosen_is_named_by_file_and_line_in_strict_mode(tmp_path, tiny):
     tiny.data.update(path=write_jsonl(str(tmp_path / "pairs.jsonl"), [GOOD, {"prompt": "p", "rejected": "r"}]),
                      strict=True)
@@ -371,8 +399,8 @@ def test_missing_chosen_is_named_by_file_and_line_in_strict_mode(tmp_path, tiny)
      "gave no usable training examples"),
     (lambda d: {"data.source": "imdb", "data.path": _write(d / "r.csv", b"review,sentiment\nfine,1\n")}, DataError,
      "CSV lacks column\\(s\\) label, text \\(it has review, sentiment\\); IMDb needs text and label"),
-    (lambda d: {"data.source": "imdb", "data.path": _write(d / "r.csv", b"text,label\nbad \xff byte,1\n")}, DataError,
-     "not UTF-8 near line"),
+    (lambda d: {"data.source": "imdb", "data.path": _write(d / "r.csv", b"text,label\nfine,1\nbad \xff byte,0\n")},
+     DataError, r"r.csv:3: not UTF-8 \(invalid start byte\)$"),
     (lambda d: {"data.source": "imdb", "data.path": _write(d / "r.csv", b"text,label\ngood,1\nfine,pos\n")},
      ConfigError, "IMDb labeled pairs need both positive and negative reviews"),
 ], ids=["prompt-longer-than-max", "truncation", "bucket", "path-is-a-directory", "no-path", "missing-file", "not-gzip",
@@ -384,6 +412,13 @@ def test_bad_data_settings(tmp_path, tiny, setup, error, message):
         tiny[section][field] = value
     with pytest.raises(error, match=message):
         _load(tiny, tmp_path)
+
+
+def test_checkpoints_path_that_is_a_file_is_refused_before_anything_is_written(tmp_path):
+    """Orbax saw no checkpoint in a file, so the run started over (its metrics file emptied) until the first save."""
+    (tmp_path / "checkpoints").write_text("x")
+    with pytest.raises(CheckpointError, match="checkpoints is a file, not a directory of checkpoints; move it away$"):
+        Checkpointer(str(tmp_path / "checkpoints"), keep=2)
 
 
 def test_init_from_a_file(tmp_path):
@@ -425,3 +460,61 @@ def test_bad_model_directory(tmp_path, config, weights, index, error, message):
         (tmp_path / "model.safetensors.index.json").write_text(index)
     with pytest.raises(error, match=message):
         hub.load_pretrained(directory)
+
+
+# --- sequence lengths and the model's positions ------------------------------------------------------------
+
+def test_max_length_longer_than_the_models_positions_is_refused(tmp_path, pairs):
+    """JAX clamps the position lookup: a longer sequence would train on wrong positions, silently."""
+    c = get_config(pairs)
+    c.data.max_length = 256  # the tiny preset has 128 positions
+    with pytest.raises(ConfigError, match=r"^data.max_length=256 is longer than the model's n_positions=128: "):
+        Trainer(c, str(tmp_path / "run"))
+
+
+def test_evaluate_caps_max_length_to_the_models_positions(tmp_path, tok, mesh1):
+    """The default --max_length=512 on a 128-position model: one warning, then the capped lengths (the
+    README evaluates the 256-position quickstart model with the defaults)."""
+    model_dir = str(tmp_path / "model")
+    hub.save_pretrained(gpt2.create(gpt2.preset("tiny", vocab_size=tok.vocab_size), seed=0, mesh=mesh1), model_dir)
+    split = write_jsonl(str(tmp_path / "split.jsonl"), [GOOD, dict(GOOD, prompt="Tell me about rivers.")])
+    proc = _cli(f"--model={model_dir}", "--data_source=jsonl", f"--data_path={split}", f"--out={tmp_path / 'out'}",
+                module="launch.evaluate")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if "positions" in line]
+    assert len(warnings) == 1 and warnings[0].endswith("--max_length=512 is longer than the model's 128 positions: "
+                                                       "evaluating with --max_length=128 --max_prompt_length=64")
+    assert json.loads((tmp_path / "out" / "eval.json").read_text())["n_pairs"] == 2
+
+
+# --- a data file changed after it was indexed, and a tutor file written as one JSON list --------------------
+
+@pytest.mark.parametrize("second_line, message", [
+    ('{"prompt": "Second.", "cho\n', "no longer parses (JSONDecodeError)"),
+    ('{"prompt": "Second.", "rejected": "r"}\n', "is no longer usable (missing field: 'chosen')"),
+    ("", "is past the end of the file"),
+], ids=["broken-json", "field-gone", "truncated"])
+def test_a_row_changed_after_indexing_is_named_by_file_and_line(tmp_path, second_line, message):
+    path = write_jsonl(str(tmp_path / "pairs.jsonl"), [GOOD, dict(GOOD, prompt="Second."), GOOD])
+    source = jsonl.jsonl_source(path)
+    with open(path) as f:
+        first = f.readline()
+    with open(path, "w") as f:
+        f.write(first + second_line)
+    with pytest.raises(DataError, match=f"^{re.escape(path)}:2: the row indexed at this line {re.escape(message)}; "
+                                        "the file changed after it was loaded$"):
+        source[1]
+
+
+def test_a_whole_file_json_list_is_bounded_by_max_row_bytes(tmp_path):
+    """A JSON list is parsed whole: over 16 rows' worth of data.max_row_bytes it is refused (gzipped too,
+    read no further than the bound), under it read as before."""
+    conversations = [{"sample_id": k, "utterances": [["a", f"Hello {k}."], ["b", "Hi."], ["a", "Bye."]]}
+                     for k in range(1000)]
+    document = json.dumps(conversations).encode()
+    for path in (_write(tmp_path / "c.json", document), _write(tmp_path / "c.json.gz", gzip.compress(document))):
+        with pytest.raises(DataError, match=rf"^{re.escape(path)}: a JSON list is parsed whole and this one is over "
+                                            r"16384 bytes \(16 x data.max_row_bytes=1024\); write one conversation "
+                                            r"per line \(JSONL\)"):
+            tutor.load_tutor_pairs(path, max_row_bytes=1024)
+        assert len(tutor.load_tutor_pairs(path, max_row_bytes=MB).pairs) == 1000

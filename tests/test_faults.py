@@ -170,38 +170,11 @@ def test_resume_under_another_model_shape_is_refused_and_changes_nothing(straigh
 
 # --- damaged checkpoints --------------------------------------------------------------------------------
 
-def _arrays(step_dir):
-    folder = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
-    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
-
-
-def _truncate(step_dir):
-    path = max(_arrays(step_dir), key=os.path.getsize)
-    os.truncate(path, os.path.getsize(path) // 2)
-
-
-def _overwrite(step_dir):
-    path = max(_arrays(step_dir), key=os.path.getsize)
-    with open(path, "r+b") as f:
-        f.write(os.urandom(64))
-
-
-def _delete_arrays(step_dir):
-    for path in _arrays(step_dir):
-        os.remove(path)
-
-
-def _overwrite_metadata(step_dir):
-    with open(os.path.join(step_dir, "state", "_METADATA"), "r+b") as f:
-        f.write(b"\xff" * 32)
-
-
 def _trainer(run):
     return Trainer(get_config(run.pairs), run.workdir, devices=jax.devices()[:faults.DEVICES])
 
 
-@pytest.mark.parametrize("damage", [_truncate, _overwrite, _delete_arrays, _overwrite_metadata],
-                         ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("damage", faults.DAMAGES, ids=lambda f: f.__name__)
 def test_damaged_newest_checkpoint_falls_back_to_the_one_before(straight, tmp_path, caplog, damage):
     run = _copy(straight, tmp_path)
     damage(os.path.join(run.workdir, "checkpoints", "12"))
@@ -217,7 +190,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_one_before(straight, tmp_pa
 def test_no_intact_checkpoint_is_one_line_naming_the_steps(straight, tmp_path):
     run = _copy(straight, tmp_path)
     for step in (8, 12):
-        _delete_arrays(os.path.join(run.workdir, "checkpoints", str(step)))
+        faults.delete_arrays(os.path.join(run.workdir, "checkpoints", str(step)))
     with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored: steps 12, 8 are damaged or "
                                               r"incomplete; move the directory away to start from step 0$"):
         _trainer(run)

@@ -12,7 +12,8 @@ but the wall-clock `time/` fields) equal the uninterrupted run's, and writes
 the same to <out>/faults.json. All runs share one JAX compilation cache
 (<out>/jax_cache): after the first, a run takes seconds.
 
-The `TinyRun` helper is also what tests/test_faults.py drives.
+The `TinyRun` helper and the checkpoint damages (`DAMAGES`) are also what
+tests/test_faults.py and tools/reliability.py use.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from tiny_config import get_config, write_pairs  # noqa: E402
 DEVICES = 2  # simulated CPU devices of every run (results depend on the mesh, so all runs share it)
 
 
-def _launch_env(cache_dir: str) -> dict:
+def launch_env(cache_dir: str) -> dict:
     """Every compiled program goes to one persistent cache: the runs compile the same programs."""
     return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
@@ -57,7 +58,7 @@ class TinyRun:
         entry = ["-m", "launch.train"] if fault is None else ["tests/fault_hook.py", *fault.split(":")]
         cmd = [sys.executable, *entry, f"--config=tests/tiny_config.py:{self.pairs}", f"--workdir={self.workdir}",
                *[f"--config.{item}" for item in (*self.overrides, *overrides)]]
-        return subprocess.Popen(cmd, cwd=ROOT, env=_launch_env(self.cache_dir), stdout=subprocess.PIPE,
+        return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(self.cache_dir), stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     def finish(self, *overrides: str) -> str:
@@ -117,6 +118,36 @@ class TinyRun:
     def rows(self) -> list[dict]:
         """metrics.jsonl without the wall-clock fields, which differ on every run."""
         return [{k: v for k, v in row.items() if not k.startswith(TIMING_PREFIX)} for row in read_metrics(self.workdir)]
+
+
+# Damage done to a written checkpoint step folder (by a disk error, a copy cut short, a hand edit).
+
+def array_files(step_dir: str) -> list[str]:
+    folder = os.path.join(step_dir, "state", "ocdbt.process_0", "d")
+    return [os.path.join(folder, name) for name in sorted(os.listdir(folder))]
+
+
+def truncate(step_dir: str) -> None:
+    path = max(array_files(step_dir), key=os.path.getsize)
+    os.truncate(path, os.path.getsize(path) // 2)
+
+
+def overwrite(step_dir: str) -> None:
+    with open(max(array_files(step_dir), key=os.path.getsize), "r+b") as f:
+        f.write(os.urandom(64))
+
+
+def delete_arrays(step_dir: str) -> None:
+    for path in array_files(step_dir):
+        os.remove(path)
+
+
+def overwrite_metadata(step_dir: str) -> None:
+    with open(os.path.join(step_dir, "state", "_METADATA"), "r+b") as f:
+        f.write(b"\xff" * 32)
+
+
+DAMAGES = (truncate, overwrite, delete_arrays, overwrite_metadata)
 
 
 def same_weights(a: dict, b: dict) -> bool:

@@ -9,6 +9,7 @@ to the evaluation code.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import gzip
@@ -60,6 +61,23 @@ def _csv_rows(reader: csv.DictReader, path: str, bad: BadRows):
     bad.warn_too_large(path, too_large)
 
 
+def _first_non_utf8_line(path: str) -> int:
+    """The line of a file's first byte that is not UTF-8. The csv reader cannot say: its line count lags
+    behind the decoding, which reads ahead in blocks. Read in blocks too, so memory stays bounded whatever
+    the lines' lengths."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    opener = gzip.open if path.endswith(".gz") else open
+    line = 1
+    with opener(path, "rb") as f:
+        while block := f.read(1 << 16):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                return line + block[:e.start].count(b"\n")
+            line += block.count(b"\n")
+    return line
+
+
 def from_csv(path: str, split: str | None = None, strict: bool = False,
              max_row_bytes: int = MAX_ROW_BYTES) -> tuple[list[Review], BadRows]:
     """Reviews of a CSV; with an `is_valid` column, split "train" keeps the rows where it is false.
@@ -95,7 +113,7 @@ def from_csv(path: str, split: str | None = None, strict: bool = False,
                         continue
                 reviews.append(Review(clean(text), LABELS[label]))
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 near line {reader.line_num} ({e.reason})") from None
+        raise DataError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 ({e.reason})") from None
     except (OSError, EOFError) as e:  # e.g. a broken .gz
         raise DataError(f"{path}: cannot read ({e})") from None
     finally:

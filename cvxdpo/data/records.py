@@ -5,7 +5,9 @@ byte offset of each usable row (8 bytes a row), and reads rows back by offset,
 so a Grain MapDataset over it has random access (global shuffle, exact resume)
 in bounded memory. Bad rows (broken JSON, bad UTF-8, a missing or mistyped
 field, empty text) are counted by reason and skipped with a warning naming the
-file and line, or raise a `DataError` in strict mode.
+file and line, or raise a `DataError` in strict mode. A row that was usable
+when indexed but no longer reads back (the file changed under the run) is a
+`DataError` naming the file and line in either mode.
 
 No single row can exhaust memory either: a line longer than `max_row_bytes`
 (the config's `data.max_row_bytes`, 1 MiB by default) is skipped and counted
@@ -210,16 +212,43 @@ def iter_json_lines(path: str, bad: BadRows, display: str | None = None) -> Iter
                 bad.skip(display, lineno, f"not UTF-8: {e.reason} at byte {e.start}")
                 continue
             try:
-                yield lineno, start, json.loads(text)
+                yield lineno, start, json.loads(text.rstrip("\r\n"))  # columns count within the line
             except json.JSONDecodeError as e:
-                bad.skip(display, lineno, f"broken JSON: {e.msg}")
+                bad.skip(display, lineno, f"broken JSON: {e.msg.removesuffix(' at')} at column {e.colno}")
     bad.warn_too_large(display, too_large)
 
 
-def read_json_line(path: str, offset: int) -> Any:
+def _line_at(path: str, offset: int) -> int:
+    """The number of the line that starts at byte `offset` (counted only for an error message)."""
+    line, left = 1, offset
+    with open(path, "rb") as f:
+        while left > 0:
+            chunk = f.read(min(left, _SKIP_CHUNK))
+            if not chunk:
+                break
+            line, left = line + chunk.count(b"\n"), left - len(chunk)
+    return line
+
+
+def changed_row(path: str, offset: int, display: str, what: str) -> DataError:
+    """The error for an indexed row that no longer reads back: it was usable when the file was indexed, so
+    the file changed since. Strict or not, it cannot be skipped as at indexing (the index promised a row
+    there): DataError naming the file (`display`: the user's name for it, `path` may be a decompressed copy)
+    and the line."""
+    return DataError(f"{display}:{_line_at(path, offset)}: the row indexed at this line {what}; the file "
+                     "changed after it was loaded")
+
+
+def read_json_line(path: str, offset: int, display: str | None = None) -> Any:
+    """The parsed JSON row at byte `offset` of `path`; DataError (see `changed_row`) when it does not parse."""
     with open(path, "rb") as f:
         f.seek(offset)
-        return json.loads(f.readline().decode("utf-8"))
+        raw = f.readline()
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        what = f"no longer parses ({type(e).__name__})" if raw else "is past the end of the file"
+        raise changed_row(path, offset, display or path, what) from e
 
 
 class JsonlIndex(Sequence):
@@ -234,7 +263,8 @@ class JsonlIndex(Sequence):
                  cache_dir: str | None = None, keep: Callable[[int, int, Any], bool] | None = None):
         self.parse = parse
         self.bad = bad
-        self.files: list[str] = []
+        self.files: list[str] = []  # what is read: the paths, or decompressed copies of .gz ones
+        self.sources = list(paths)  # what errors name
         self._file_ids, self._offsets = array.array("i"), array.array("q")
         for path in paths:
             file_id = len(self.files)
@@ -255,11 +285,17 @@ class JsonlIndex(Sequence):
     def __len__(self) -> int:
         return len(self._offsets)
 
-    def location(self, i: int) -> tuple[str, int]:
-        return self.files[self._file_ids[i]], self._offsets[i]
+    def row(self, file_id: int, offset: int) -> Any:
+        """The parsed JSON row at `offset` of file `file_id`."""
+        return read_json_line(self.files[file_id], offset, self.sources[file_id])
 
     def __getitem__(self, i):
-        return self.parse(read_json_line(*self.location(i)))
+        file_id, offset = self._file_ids[i], self._offsets[i]
+        try:
+            return self.parse(self.row(file_id, offset))
+        except FieldError as e:
+            what = f"is no longer usable ({e})"
+            raise changed_row(self.files[file_id], offset, self.sources[file_id], what) from e
 
 
 class Subset(Sequence):

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from absl import logging
 
 from cvxdpo.config import MAX_ROW_BYTES
-from cvxdpo.data.records import BadRows, FieldError, JsonlIndex, Pair, read_json_line, require_number, require_text
+from cvxdpo.data.records import BadRows, FieldError, JsonlIndex, Pair, require_number, require_text
 from cvxdpo.errors import ConfigError, MissingFileError
 
 HUB_NAME = "stanfordnlp/SHP"
@@ -105,7 +105,7 @@ class SHPSource(Sequence):
         rec = self.index[i]
         chosen, rejected = ("A", "B") if rec["labels"] == 1 else ("B", "A")
         _, file_id, offset, side = self._best[rec["post_id"]]
-        best = read_json_line(self.index.files[file_id], offset)
+        best = self.index.row(file_id, offset)
         return Pair(prompt=prompt_of(rec["history"]), chosen=" " + rec[f"human_ref_{chosen}"],
                     rejected=" " + rec[f"human_ref_{rejected}"], sft_target=" " + best[f"human_ref_{side}"],
                     meta={"post_id": rec["post_id"], "score_ratio": score_ratio(rec)})

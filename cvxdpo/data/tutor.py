@@ -11,7 +11,10 @@ Files: the paper's Appendix-A schema (`sample_id, length, temperature,
 initial_utterance, n, agent1, agent2, utterances=[[speaker, text], ...]`), one
 conversation per JSON line (`.jsonl`, `.jsonl.gz`) or a JSON list; or the
 common chat layout, `{"messages": [{"role", "content"}, ...]}` or a bare list
-of such messages per line.
+of such messages per line. A JSON list is one document, parsed whole, so it
+may be at most `JSON_LIST_ROWS` rows' worth of `data.max_row_bytes` (16 MiB by
+default); a larger file is refused with a request for JSON lines, which are read
+one row at a time.
 
 Held-out pairs (`load_tutor_split`) come from held-out conversations, and any
 whose chosen or rejected text also occurs in a training pair is dropped: the
@@ -36,6 +39,7 @@ PAPER_SUBJECTS = ("math", "science", "history", "literature", "art", "geography"
 SUBJECTS = tuple(dict.fromkeys(PAPER_SUBJECTS))
 SCHEMA_FIELDS = ("sample_id", "length", "temperature", "initial_utterance", "n", "agent1", "agent2", "utterances")
 BUNDLED = "tutor_conversations.jsonl.gz"
+JSON_LIST_ROWS = 16  # a whole-file JSON list may be this many times data.max_row_bytes (it is parsed whole)
 
 
 def bundled_path() -> str:
@@ -107,9 +111,15 @@ def read_conversations(path: str, bad: BadRows, cache_dir: str | None = None) ->
     except (OSError, EOFError) as e:
         raise DataError(f"{path}: cannot decompress ({e})") from None
     if head.startswith(b"["):  # one JSON document holding a list of conversations
+        limit = JSON_LIST_ROWS * bad.max_row_bytes
         try:
-            with opener(path, "rt", encoding="utf-8") as f:
-                rows = json.load(f)
+            with opener(path, "rb") as f:
+                document = f.read(limit + 1)  # never more than the limit in memory, gzipped or not
+            if len(document) > limit:
+                raise DataError(f"{path}: a JSON list is parsed whole and this one is over {limit} bytes "
+                                f"({JSON_LIST_ROWS} x data.max_row_bytes={bad.max_row_bytes}); write one "
+                                "conversation per line (JSONL), which is read a row at a time")
+            rows = json.loads(document.decode("utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, EOFError) as e:
             bad.skip(path, None, f"broken JSON: {e}")
             return

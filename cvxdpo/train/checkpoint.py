@@ -114,8 +114,13 @@ def _silence_abandoned_reads() -> None:
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
+        """CheckpointError when `directory` is a file: Orbax would find no checkpoint in it and the run would
+        start over from step 0 (replacing the metrics of the run whose checkpoints it held), only to fail at
+        its first save."""
         _drop_orbax_tracebacks()
         self.directory = os.path.abspath(directory)
+        if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+            raise CheckpointError(f"{self.directory} is a file, not a directory of checkpoints; move it away")
         self.manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,

@@ -87,8 +87,10 @@ class MetricsWriter:
             self._tb = _Scalars(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
+        """Appends `metrics` as the row of `step`; no metrics (an evaluation without held-out data) write
+        nothing, not a bare `{"step": ...}` row."""
         row = {f"{prefix}{k}": _plain(v) for k, v in metrics.items()}
-        if self.enabled:
+        if self.enabled and row:
             with _writing(self.workdir):
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"step": step, **row}) + "\n")

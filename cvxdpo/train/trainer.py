@@ -74,6 +74,16 @@ def check_finite_weights(params, source: str) -> None:
             raise ConfigError(f"{source} holds non-finite weights: parameter {name} has NaN or infinite values")
 
 
+def check_positions(max_length: int, model_cfg: gpt2.GPT2Config) -> None:
+    """ConfigError when a sequence can be longer than the model's position table: JAX clamps an out-of-range
+    gather instead of failing, so every token past the last position would silently get that position's
+    embedding."""
+    if max_length > model_cfg.n_positions:
+        raise ConfigError(f"data.max_length={max_length} is longer than the model's n_positions="
+                          f"{model_cfg.n_positions}: lower data.max_length (a scratch model can instead raise "
+                          "model.overrides.n_positions)")
+
+
 def data_file_stamps(c) -> dict[str, tuple[int, int]]:
     """(size, modification time) of the data files the config names: their rows are read by byte offset all
     run long, so a file changed mid-run feeds garbage (see `Trainer.run`)."""
@@ -124,6 +134,7 @@ class Trainer:
         tok_cfg = data_lib.tokenize_config(config)
         self.mode = "sft" if config.train.method == "sft" else "pairs"
         model_cfg, params = self._initial_model()
+        check_positions(config.data.max_length, model_cfg)
         tx, schedule = make_optimizer(config.train)
         seed = config.train.seed
         self.graphdef, self.state, self.shardings = state_lib.create_train_state(
