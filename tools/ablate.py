@@ -340,7 +340,7 @@ def paired_table(rows, size, anchor: str = "convex_margin") -> str:
                      and r["beta"] == middle_strength(size, method)), None)
 
     lines = [f"| method (middle strength) | seeds | reward − {anchor} (mean, [min, max]) | KL − {anchor} | "
-             "anchor |Δweight| mean / p90 | anchor held-out accuracy |", "|---|---|---|---|---|---|"]
+             "anchor Δweight mean / p90 | anchor held-out accuracy |", "|---|---|---|---|---|---|"]
     for method in sorted({r["method"] for r in rows} - {anchor}):
         pairs = [(at(method, s), at(anchor, s)) for s in sorted({r["seed"] for r in rows})]
         pairs = [(x, y) for x, y in pairs if x and y]
