@@ -46,7 +46,7 @@ STRENGTHS = {  # loss.beta per method: each method's own range
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
     **{f"convex_margin_{control}": (0.05, 0.1, 0.5) for control in ("linear", "shuffled", "constant", "frozen")},
 }
-FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(3e-5, 1e-4, 3e-4), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
+FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(1e-4, 3e-4, 1e-3), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
             test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
 QUICK = dict(seeds=(0,), strengths=1, learning_rates=(1e-4, 3e-4), reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
@@ -242,9 +242,9 @@ def step_tune(a, size, methods) -> None:
     tuned = json.load(open(path)) if done(path) else {"learning_rate": {}, "validation_accuracy": {}}
     families = [m for m in methods if m not in TUNED_WITH] + \
         sorted({TUNED_WITH[m] for m in methods if m in TUNED_WITH} - set(methods))
-    families = [m for m in families if m not in tuned["learning_rate"]]
-    cells = [(m, middle_strength(size, m), lr, 0)
-             for m in families for lr in size["learning_rates"]]
+    cells = [(m, middle_strength(size, m), lr, 0) for m in families for lr in size["learning_rates"]
+             if f"{lr:g}" not in tuned["validation_accuracy"].get(m, {})]  # a widened range adds only its new rates
+    families = [m for m in families if any(cell[0] == m for cell in cells)]
     def tune_cell(*cell) -> bool:
         new = not done(os.path.join(a.out, "runs", run_name(*cell), "usage.json"))
         train(a, size, *cell)
@@ -252,8 +252,10 @@ def step_tune(a, size, methods) -> None:
 
     side_by_side(a, cells, tune_cell, "trained (tuning)")
     for m in families:
-        scores = {lr: validation_accuracy(os.path.join(a.out, "runs", run_name(*cell)))
-                  for cell in cells if cell[0] == m for lr in (cell[2],)}
+        scores = {float(lr): acc for lr, acc in tuned["validation_accuracy"].get(m, {}).items()}
+        scores.update({cell[2]: validation_accuracy(os.path.join(a.out, "runs", run_name(*cell)))
+                       for cell in cells if cell[0] == m})
+        scores = dict(sorted(scores.items()))
         tuned["validation_accuracy"][m] = {f"{lr:g}": acc for lr, acc in scores.items()}
         tuned["learning_rate"][m] = max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller rate
         print(f"{m}: learning rate {tuned['learning_rate'][m]:g} (validation accuracy "
