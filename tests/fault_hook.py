@@ -22,7 +22,7 @@ import orbax.checkpoint as ocp  # noqa: E402
 from cvxdpo.train.checkpoint import Checkpointer  # noqa: E402
 from launch import common, train  # noqa: E402
 
-FAULT, STEP = sys.argv.pop(1), int(sys.argv.pop(1))
+STEP = None  # set by `install`
 _checkpointer_save, _manager_save = Checkpointer.save, ocp.CheckpointManager.save
 
 
@@ -49,7 +49,15 @@ FAULTS = {"kill-after-save": (Checkpointer, "save", _save_then_die),
           "enospc-at-save": (ocp.CheckpointManager, "save", _disk_full_at_step),
           "truncate-data-after-save": (Checkpointer, "save", _save_then_truncate_data)}
 
-if __name__ == "__main__":
-    owner, name, replacement = FAULTS[FAULT]
+
+def install(fault: str, step: int) -> None:
+    """Injects `fault` at the checkpoint of `step` into this process (tests/process_hook.py uses it too)."""
+    global STEP
+    STEP = step
+    owner, name, replacement = FAULTS[fault]
     setattr(owner, name, replacement)
+
+
+if __name__ == "__main__":
+    install(sys.argv.pop(1), int(sys.argv.pop(1)))
     common.run(train.main)

@@ -41,16 +41,20 @@ sys.path.insert(0, ROOT)
 from configs.imdb_sentiment import METHODS  # noqa: E402
 
 STRENGTHS = {  # loss.beta per method: each method's own range
-    "dpo": (0.05, 0.1, 0.5), "dpo_precomputed": (0.1,), "reference_free": (0.05, 0.1, 0.5),
+    "dpo": (0.02, 0.1, 0.5), "dpo_precomputed": (0.1,), "reference_free": (0.05, 0.1, 0.5),
     "ipo": (0.1, 0.5, 1.0), "simpo": (1.0, 2.0, 2.5), "convex_margin": (0.05, 0.1, 0.5),
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
     **{f"convex_margin_{control}": (0.05, 0.1, 0.5) for control in ("linear", "shuffled", "constant", "frozen")},
 }
-FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(1e-4, 3e-4, 1e-3), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
+FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(3e-4, 1e-3, 3e-3), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
             test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
 QUICK = dict(seeds=(0,), strengths=1, learning_rates=(1e-4, 3e-4), reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
 QUICK_METHODS = ("dpo", "convex_margin")
+# The default grid: the frontier that decides whether the convex anchor matters (DPO-Convex, its two sharpest
+# controls, reference-free DPO and DPO with its reference), sized for about 3 hours on 2 CPU cores.
+# `--methods=all` adds IPO, SimPO, the other signals, precomputed-reference DPO and the remaining controls.
+DEFAULT_METHODS = ("dpo", "reference_free", "convex_margin", "convex_margin_linear", "convex_margin_shuffled")
 # Methods that take their learning rate from another's tuning: the same math (precomputed reference
 # log-probs equal the frozen reference's), or controls that must share DPO-Convex's budget.
 TUNED_WITH = {"dpo_precomputed": "dpo",
@@ -453,7 +457,8 @@ def main():
     parser.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "data", "imdb"),
                         help="folder with train.csv.gz and test_public.csv.gz")
     parser.add_argument("--quick", action="store_true", help="the whole pipeline at toy size (minutes)")
-    parser.add_argument("--methods", default="", help="comma-separated subset of " + ",".join(METHODS))
+    parser.add_argument("--methods", default="", help="'all' or a comma-separated subset of " + ",".join(METHODS)
+                        + " (default: " + ",".join(DEFAULT_METHODS) + ")")
     parser.add_argument("--seeds", default="", help="comma-separated seeds instead of the grid's (e.g. 0)")
     parser.add_argument("--middle_only", action="store_true",
                         help="each method at its middle strength only (3 seeds of every method before the sweep)")
@@ -468,7 +473,11 @@ def main():
     size = dict(QUICK if a.quick else FULL, middle_only=a.middle_only)
     if a.seeds:
         size["seeds"] = tuple(int(x) for x in a.seeds.split(","))
-    methods = a.methods.split(",") if a.methods else (QUICK_METHODS if a.quick else tuple(METHODS))
+    methods = (tuple(METHODS) if a.methods == "all" else a.methods.split(",") if a.methods
+               else QUICK_METHODS if a.quick else DEFAULT_METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise SystemExit(f"error: --methods: unknown {','.join(unknown)} (choose from {','.join(METHODS)} or all)")
     os.makedirs(os.path.join(a.out, "runs"), exist_ok=True)
     steps = {"reward": lambda: step_reward(a, size), "sft": lambda: step_sft(a, size),
              "pairs": lambda: step_pairs(a, size), "tune": lambda: step_tune(a, size, methods), "runs": lambda: step_runs(a, size, methods),

@@ -38,9 +38,9 @@ from tiny_config import get_config, write_pairs  # noqa: E402
 DEVICES = 2  # simulated CPU devices of every run (results depend on the mesh, so all runs share it)
 
 
-def launch_env(cache_dir: str) -> dict:
+def launch_env(cache_dir: str, devices: int = DEVICES) -> dict:
     """Every compiled program goes to one persistent cache: the runs compile the same programs."""
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}", "JAX_PLATFORMS": "cpu",
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": cache_dir, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
