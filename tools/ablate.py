@@ -44,17 +44,20 @@ STRENGTHS = {  # loss.beta per method: each method's own range
     "dpo": (0.02, 0.1, 0.5), "dpo_precomputed": (0.1,), "reference_free": (0.05, 0.1, 0.5),
     "ipo": (0.1, 0.5, 1.0), "simpo": (1.0, 2.0, 2.5), "convex_margin": (0.05, 0.1, 0.5),
     "convex_distill": (0.05, 0.1, 0.5), "convex_soft_label": (0.05, 0.1, 0.5),
-    **{f"convex_margin_{control}": (0.05, 0.1, 0.5) for control in ("linear", "shuffled", "constant", "frozen")},
+    # The controls run at DPO-Convex's middle strength: each point is compared with DPO-Convex's curve at
+    # the same KL (the matched-KL table) and with DPO-Convex seed by seed.
+    **{f"convex_margin_{control}": (0.1,) for control in ("linear", "shuffled", "constant", "frozen")},
 }
 FULL = dict(seeds=(0, 1, 2), strengths=3, learning_rates=(3e-4, 1e-3, 3e-3), reward_rows=0, sft_steps=3000, train_prefixes=2000, valid_prefixes=100,
             test_prefixes=300, steps=150, eval_prompts=150, samples=2, max_new_tokens=40)
 QUICK = dict(seeds=(0,), strengths=1, learning_rates=(1e-4, 3e-4), reward_rows=2000, sft_steps=20, train_prefixes=24, valid_prefixes=8, test_prefixes=8,
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
 QUICK_METHODS = ("dpo", "convex_margin")
-# The default grid: the frontier that decides whether the convex anchor matters (DPO-Convex, its two sharpest
-# controls, reference-free DPO and DPO with its reference), sized for about 3 hours on 2 CPU cores.
-# `--methods=all` adds IPO, SimPO, the other signals, precomputed-reference DPO and the remaining controls.
-DEFAULT_METHODS = ("dpo", "reference_free", "convex_margin", "convex_margin_linear", "convex_margin_shuffled")
+# The default grid decides whether the convex anchor matters: DPO-Convex, reference-free DPO and DPO swept,
+# DPO-Convex's four controls and precomputed-reference DPO beside them; about 2.7 hours on 2 CPU cores.
+# `--methods=all` adds IPO, SimPO and the other two signals, each swept.
+DEFAULT_METHODS = ("dpo", "reference_free", "convex_margin", "convex_margin_linear", "convex_margin_shuffled",
+                   "convex_margin_constant", "convex_margin_frozen", "dpo_precomputed")
 # Methods that take their learning rate from another's tuning: the same math (precomputed reference
 # log-probs equal the frozen reference's), or controls that must share DPO-Convex's budget.
 TUNED_WITH = {"dpo_precomputed": "dpo",
@@ -369,25 +372,35 @@ def _mean_over_seeds(rows, method, beta, key):
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0), len(vals)
 
 
+def _interpolate(points, level: float) -> float | None:
+    """The reward at KL `level` on the piecewise-linear curve through (KL, reward) points sorted by KL; None
+    outside the curve's KL range."""
+    for (k0, r0), (k1, r1) in zip(points, points[1:]):
+        if k0 <= level <= k1 and k1 > k0:
+            return r0 + (r1 - r0) * (level - k0) / (k1 - k0)
+    return next((r for k, r in points if k == level), None)
+
+
 def matched_kl_table(rows, sft_reward: float) -> str:
-    """Reward of each method interpolated (over its strengths, seed means) at a few KL levels."""
+    """Reward of each method at a few KL levels: each seed's curve over the method's strengths interpolated
+    at the level, then the mean ± sd over the seeds whose curve reaches it (a seed's KL range varies)."""
     methods = sorted({r["method"] for r in rows})
-    points = {m: sorted((_mean_over_seeds(rows, m, b, "kl")[0], _mean_over_seeds(rows, m, b, "reward")[0])
-                        for b in sorted({r["beta"] for r in rows if r["method"] == m})) for m in methods}
-    all_kl = sorted(k for p in points.values() for k, _ in p)
-    levels = sorted({round(all_kl[int(q * (len(all_kl) - 1))], 2) for q in (0.25, 0.5, 0.75)}) if all_kl else []
-    lines = [f"SFT reward: {sft_reward:.3f}. Reward at matched KL (linear interpolation between a method's "
-             "strengths; '-' outside its range):", "",
+    curves = {(m, seed): sorted((r["kl"]["mean"], r["reward"]["mean"]) for r in rows
+                                if r["method"] == m and r["seed"] == seed)
+              for m in methods for seed in sorted({r["seed"] for r in rows if r["method"] == m})}
+    all_kl = sorted(k for points in curves.values() if len(points) > 1 for k, _ in points)
+    levels = sorted({round(all_kl[int(q * (len(all_kl) - 1))], 1) for q in (0.2, 0.4, 0.6, 0.8)}) if all_kl else []
+    lines = [f"SFT reward: {sft_reward:.3f}. Reward at matched KL: each seed's curve over the method's strengths, "
+             "linearly interpolated at the KL level; mean ± sd over the seeds whose curve reaches that KL (their "
+             "count in brackets); '-' where none does:", "",
              "| method | " + " | ".join(f"KL {k:g}" for k in levels) + " |", "|---" * (len(levels) + 1) + "|"]
-    for m, pts in points.items():
+    for m in methods:
         cells = []
         for level in levels:
-            inside = [(k0, r0, k1, r1) for (k0, r0), (k1, r1) in zip(pts, pts[1:]) if k0 <= level <= k1 and k1 > k0]
-            if inside:
-                k0, r0, k1, r1 = inside[0]
-                cells.append(f"{r0 + (r1 - r0) * (level - k0) / (k1 - k0):.3f}")
-            else:
-                cells.append(next((f"{r:.3f}" for k, r in pts if k == level), "-"))
+            values = [v for (method, _), points in curves.items() if method == m
+                      for v in (_interpolate(points, level),) if v is not None]
+            sd = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.fmean(values):.3f} ± {sd:.3f} ({len(values)})" if values else "-")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
