@@ -389,7 +389,9 @@ def matched_kl_table(rows, sft_reward: float) -> str:
                                 if r["method"] == m and r["seed"] == seed)
               for m in methods for seed in sorted({r["seed"] for r in rows if r["method"] == m})}
     all_kl = sorted(k for points in curves.values() if len(points) > 1 for k, _ in points)
-    levels = sorted({round(all_kl[int(q * (len(all_kl) - 1))], 1) for q in (0.2, 0.4, 0.6, 0.8)}) if all_kl else []
+    if not all_kl:
+        return f"SFT reward: {sft_reward:.3f}. No method has more than one strength yet: no reward at matched KL."
+    levels = sorted({round(all_kl[int(q * (len(all_kl) - 1))], 1) for q in (0.2, 0.4, 0.6, 0.8)})
     lines = [f"SFT reward: {sft_reward:.3f}. Reward at matched KL: each seed's curve over the method's strengths, "
              "linearly interpolated at the KL level; mean ± sd over the seeds whose curve reaches that KL (their "
              "count in brackets); '-' where none does:", "",
