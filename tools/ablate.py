@@ -407,6 +407,24 @@ def matched_kl_table(rows, sft_reward: float) -> str:
     return "\n".join(lines)
 
 
+def against_curve_table(rows, anchor: str = "convex_margin") -> str:
+    """Each method's point at each strength against `anchor`'s curve at the same KL, seed by seed: the
+    reward of the point minus the anchor's curve (same seed) interpolated at the point's KL. Controls with one
+    strength are compared at matched KL this way; '-' where the anchor's curve does not reach the KL."""
+    def curve(seed):
+        return sorted((r["kl"]["mean"], r["reward"]["mean"]) for r in rows if r["method"] == anchor and r["seed"] == seed)
+
+    lines = [f"| method | beta | seeds at a KL {anchor} reaches | reward − {anchor} at the same KL (mean, [min, max]) |",
+             "|---|---|---|---|"]
+    for method in sorted({r["method"] for r in rows} - {anchor}):
+        for beta in sorted({r["beta"] for r in rows if r["method"] == method}):
+            diffs = [r["reward"]["mean"] - v for r in rows if r["method"] == method and r["beta"] == beta
+                     for v in (_interpolate(curve(r["seed"]), r["kl"]["mean"]),) if v is not None]
+            cell = f"{statistics.fmean(diffs):+.3f} [{min(diffs):+.3f}, {max(diffs):+.3f}]" if diffs else "-"
+            lines.append(f"| {method} | {beta:g} | {len(diffs)} | {cell} |")
+    return "\n".join(lines)
+
+
 def runs_table(rows) -> str:
     """Per method and strength: seed means ± sd, the mean half-width of a run's 95% bootstrap interval over
     prompts (the within-run uncertainty), degeneration checks, pair accuracies, step time and memory."""
@@ -456,7 +474,8 @@ def step_report(a, size, methods) -> None:
         tuned = json.load(f)
     with open(os.path.join(a.out, "ablation.json"), "w") as f:
         json.dump({"size": size, "rows": rows, "sft_reward": sft_reward, "tuning": tuned}, f, indent=2)
-    report = "\n\n".join((runs_table(rows), matched_kl_table(rows, sft_reward), paired_table(rows, size))) if rows \
+    report = "\n\n".join((runs_table(rows), matched_kl_table(rows, sft_reward), against_curve_table(rows),
+                            paired_table(rows, size))) if rows \
         else "no finished runs"
     with open(os.path.join(a.out, "ablation.md"), "w") as f:
         f.write(report + "\n")
