@@ -1,7 +1,7 @@
 """The IMDb controlled-sentiment benchmark (the DPO paper's section 6.1), end to end, resumable.
 
     python tools/ablate.py --task=imdb_sentiment --out=runs/imdb_sentiment [--data=../shared/data/imdb]
-    python tools/ablate.py --task=imdb_sentiment --out=/tmp/toy --quick        # the whole pipeline, toy size
+    python tools/ablate.py --task=imdb_sentiment --out=runs/imdb_toy --quick        # the whole pipeline, toy size
 
 Steps, each a command of its own that this tool runs in order (a step whose
 output exists is skipped, so a rerun after a stop continues where it stopped):
@@ -54,7 +54,7 @@ QUICK = dict(seeds=(0,), strengths=1, learning_rates=(1e-4, 3e-4), reward_rows=2
              steps=4, eval_prompts=4, samples=2, max_new_tokens=8)
 QUICK_METHODS = ("dpo", "convex_margin")
 # The default grid decides whether the convex anchor matters: DPO-Convex, reference-free DPO and DPO swept,
-# DPO-Convex's four controls and precomputed-reference DPO beside them; about 2.7 hours on 2 CPU cores.
+# DPO-Convex's four controls and precomputed-reference DPO beside them; about 2.5 hours on 2 CPU cores.
 # `--methods=all` adds IPO, SimPO and the other two signals, each swept.
 DEFAULT_METHODS = ("dpo", "reference_free", "convex_margin", "convex_margin_linear", "convex_margin_shuffled",
                    "convex_margin_constant", "convex_margin_frozen", "dpo_precomputed")
