@@ -134,6 +134,56 @@ def test_shp_rules(tmp_path, card_row):
     assert len(shp.SHPSource(str(tmp_path))) == 4  # no cap: the fourth row is back
 
 
+def _shp_hub_copy(root, card_row, domains=("askbaking", "askphysics", "legaladvice"), rows=30):
+    """A local copy in the hub's layout: posts of 3 rows, every 4th row under the score-ratio rule; (root, the
+    (post, chosen) pairs SHPSource must keep with max_pairs_per_post=2, computed here from the rows)."""
+    kept, per_post = [], {}
+    for domain in domains:
+        written = []
+        for k in range(rows):
+            post = f"{domain}-{k // 3}"
+            scores = (30, 20) if k % 4 == 3 else (10 + k, 40 + 3 * k)
+            written.append(shp_row(card_row, post_id=post, history=f"Question {post}", score_A=scores[0],
+                                   score_B=scores[1], labels=int(scores[0] > scores[1]),
+                                   human_ref_A=f"A {domain} {k}", human_ref_B=f"B {domain} {k}"))
+            if k % 4 != 3 and per_post.get(post, 0) < 2:
+                per_post[post] = per_post.get(post, 0) + 1
+                kept.append((post, f" B {domain} {k}"))  # B always scores higher on kept rows
+        write_jsonl(os.path.join(root, domain, "train.json"), written)
+    return root, kept
+
+
+def test_shp_on_several_processes_reads_each_pair_once_and_resumes(tmp_path, card_row, tok):
+    """Three processes, each indexing its own SHPSource of the files, stream one epoch: their parts are
+    disjoint, their union is every kept pair exactly once, and each one stopped after 2 batches and restored
+    from its own iterator state continues exactly where it was."""
+    root, expected = _shp_hub_copy(str(tmp_path / "shp"), card_row)
+    cfg = pipeline.TokenizeConfig(max_length=64, max_prompt_length=32)
+    processes, stop = 3, 2
+
+    def stream(index):
+        source = shp.SHPSource(root, max_pairs_per_post=2)
+        return source, iter(pipeline.make_dataset(source, tok, cfg, 6, seed=5, num_epochs=1, shard_index=index,
+                                                  shard_count=processes))
+
+    def indices(batches):
+        return [int(i) for b in batches for i, w in zip(b["index"], b["weight"]) if w > 0]
+
+    parts = []
+    for index in range(processes):
+        source, straight = stream(index)
+        whole = indices(straight)
+        _, first = stream(index)
+        head = [next(first) for _ in range(stop)]
+        _, resumed = stream(index)
+        resumed.set_state(first.get_state())
+        assert indices(head) + indices(resumed) == whole
+        parts.append(whole)
+    assert all(not set(a) & set(b) for k, a in enumerate(parts) for b in parts[k + 1:])
+    assert sorted(sum(parts, [])) == list(range(len(source)))
+    assert sorted((source[i].meta["post_id"], source[i].chosen) for i in sum(parts, [])) == sorted(expected)
+
+
 def test_shp_domain_filter_and_errors(tmp_path, card_row):
     write_jsonl(str(tmp_path / "askculinary" / "train.json"), [card_row])
     write_jsonl(str(tmp_path / "askbaking" / "train.json"), [shp_row(card_row, post_id="b")])

@@ -8,7 +8,6 @@ random kill and stop points come from FAULTS_SEED (default 0).
 """
 
 import errno
-import importlib.util
 import json
 import logging
 import os
@@ -24,20 +23,12 @@ from cvxdpo.errors import CheckpointError, OutputError
 from cvxdpo.train.checkpoint import config_mismatch, write_failure
 from cvxdpo.train.logs import METRICS_FILE, MetricsWriter
 from cvxdpo.train.trainer import Trainer
+from multiprocess import faults
 from tiny_config import get_config
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = int(os.environ.get("FAULTS_SEED", "0"))
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("faults", os.path.join(ROOT, "tools", "faults.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-faults = _load_tool()
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from cvxdpo import mesh as mesh_lib
 from cvxdpo.errors import ConfigError
 from cvxdpo.model import gpt2, hub
 from hf_reference import write_hf_gpt2
+from multiprocess import free_port
 from sharding_case import batch, one_step
 
 
@@ -81,15 +81,9 @@ def test_hub_weights_land_sharded(tmp_path):
     assert np.abs(np.asarray(sharded_logits)[valid] - np.asarray(ref)[valid]).max() < 1e-5
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_form_one_mesh(reference_step):
     """Two local processes with 4 CPU devices each, joined by jax.distributed on 127.0.0.1."""
-    port = str(_free_port())
+    port = str(free_port())
     script = os.path.join(os.path.dirname(__file__), "sharding_case.py")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     procs = [subprocess.Popen([sys.executable, script, str(i), "2", port, "2,2,2"], env=env,

@@ -6,13 +6,16 @@ nothing that `latest_step` would pick. Files can still be damaged afterwards
 (a disk error, a copy cut short, a hand edit): `restore` then falls back to the
 newest step that reads back whole. It tells that apart from a checkpoint
 written under another config (other array paths or shapes), which it refuses
-before reading any array.
+before reading any array. A checkpoint written by one number of processes resumes under another
+(`DataHandler`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
+import json
 import logging as std_logging
 import os
 import re
@@ -112,6 +115,51 @@ def _silence_abandoned_reads() -> None:
     warnings.filterwarnings("ignore", r"coroutine .* was never awaited", RuntimeWarning, module=r"orbax\.")
 
 
+class DataHandler(grain.checkpoint.CheckpointHandler):
+    """Grain's handler of the iterator state, which also restores a checkpoint that another number of
+    processes wrote.
+
+    Each process writes its own state, process_<i>-of-<n>.json. This project's pipeline state is one counter,
+    `next_index`, the batches read; process p's batch b holds the examples p, p + n, ... of global batch b of
+    one shuffled stream (see cvxdpo.data.pipeline), so the counter means the same under any process count
+    and moves over unchanged. A state holding more than the counter (data.workers > 0 adds the worker
+    processes' positions) is refused rather than guessed.
+    """
+
+    def restore(self, directory, item=None, args=None):
+        own = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        if own.exists():
+            return super().restore(directory, item, args)
+        item = item or args.item
+        item.set_state(portable_state(directory))
+        item.start_prefetch()  # as Grain's own restore does
+        return item
+
+
+def portable_state(directory) -> dict:
+    """The iterator state that the processes of another process count wrote, as one process's state."""
+    states = [json.loads(path.read_text()) for path in sorted(directory.glob("process_*-of-*.json"))]
+    if not states:
+        raise CheckpointError(f"{directory} holds no data iterator state")
+    if any(set(state) != {"next_index"} or state != states[0] for state in states):
+        raise CheckpointError(f"the data position in {directory} was written by {len(states)} processes with "
+                              f"worker processes (data.workers > 0) and cannot move to {jax.process_count()}; "
+                              f"resume with {len(states)} processes, or with data.workers=0 from the start")
+    return states[0]
+
+
+@ocp.args.register_with_handler(DataHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+    item: grain.DatasetIterator
+
+
+@ocp.args.register_with_handler(DataHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+    item: grain.DatasetIterator
+
+
 class Checkpointer:
     def __init__(self, directory: str, keep: int, async_save: bool = True):
         """CheckpointError when `directory` is a file: Orbax would find no checkpoint in it and the run would
@@ -125,7 +173,7 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                  cleanup_tmp_directories=True),
-            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "data": DataHandler()})
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -135,7 +183,7 @@ class Checkpointer:
         background one's, raises OutputError."""
         with self._writing():
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                            data=grain.checkpoint.CheckpointSave(data_iter)))
+                                                            data=DataSave(data_iter)))
 
     def restore(self, template_state, data_iter):
         """(step, state) of the newest checkpoint that reads back whole, or (None, template_state) without any.
@@ -172,7 +220,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {step} in {self.directory} cannot be restored into this run's "
                                   f"state (was the config changed?): {problem}")
         return self.manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), data=grain.checkpoint.CheckpointRestore(data_iter)))["state"]
+            state=ocp.args.StandardRestore(target), data=DataRestore(data_iter)))["state"]
 
     def close(self):
         """Waits for the last background write; a failed one raises OutputError."""

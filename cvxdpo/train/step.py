@@ -44,6 +44,7 @@ def _under_mesh(jitted, mesh):
         with mesh_lib.use_mesh(mesh):
             return jitted(*args)
 
+    run.jitted = jitted  # to lower and compile it ahead of time (tools/scaling.py reads its memory analysis)
     return run
 
 
