@@ -1,6 +1,6 @@
 """How well can DPO-Convex's anchor rank pairs it was not fitted on? Its ceiling on a model's own features.
 
-    python tools/anchor_ceiling.py --model=runs/imdb_sentiment/sft --train=runs/imdb_sentiment/train_pairs.jsonl \
+    python tools/anchor_ceiling.py --model=runs/imdb_sentiment/sft/hf --train=runs/imdb_sentiment/train_pairs.jsonl \
         --heldout=runs/imdb_sentiment/valid_pairs.jsonl --json=anchor_ceiling.json
 
 In training the anchor sees the policy's features of the last `anchor.buffer` pairs; when its held-out
@@ -28,14 +28,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 
 def _pairs(path: str, limit: int):
-    from cvxdpo.data.records import Pair
+    """The first `limit` pairs of a JSONL file, read by the trainer's own source (bad rows counted, skipped)."""
+    from cvxdpo.data.jsonl import jsonl_source
 
-    with open(path) as f:
-        rows = [json.loads(line) for _, line in zip(range(limit), f)]
-    return [Pair(r["prompt"], r["chosen"], r["rejected"]) for r in rows]
+    source = jsonl_source(path)
+    return [source[i] for i in range(min(limit, len(source)))]
 
 
-def hidden_means(model_dir: str, pairs, max_length: int, batch: int = 64) -> np.ndarray:
+def hidden_means(model_dir: str, pairs, max_length: int, max_prompt_length: int, batch: int = 64) -> np.ndarray:
     """Mean final hidden state over each response's tokens, (n, 2, E), tokenized as the trainer does."""
     import jax
     import jax.numpy as jnp
@@ -46,7 +46,7 @@ def hidden_means(model_dir: str, pairs, max_length: int, batch: int = 64) -> np.
     from launch import common
 
     model, tok = hub.load_pretrained(model_dir), common.model_tokenizer(model_dir)
-    cfg = pipeline.TokenizeConfig(max_length=max_length, max_prompt_length=max_length // 4, truncation="keep_start")
+    cfg = pipeline.TokenizeConfig(max_length=max_length, max_prompt_length=max_prompt_length, truncation="keep_start")
     tokenize, pad = pipeline.Tokenize(tok, cfg, "pairs"), pipeline.PadBatch(cfg, batch, tok.pad_id)
     identity = jnp.eye(model.cfg.n_embd, dtype=jnp.float32)
 
@@ -86,7 +86,8 @@ def main():
     parser.add_argument("--buffers", default="256,1024,4096", help="buffer sizes in pairs")
     parser.add_argument("--dims", default="32,128", help="feature dimensions after the random projection")
     parser.add_argument("--regs", default="0.01,0.1", help="the anchor's penalty, anchor.reg")
-    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--max_length", type=int, default=64, help="data.max_length of the runs (IMDb config: 64)")
+    parser.add_argument("--max_prompt_length", type=int, default=16, help="data.max_prompt_length (IMDb config: 16)")
     parser.add_argument("--admm_iters", type=int, default=1000, help="ADMM iterations of each (cold) refit")
     parser.add_argument("--json", default="")
     a = parser.parse_args()
@@ -95,8 +96,8 @@ def main():
 
     buffers, dims = [int(x) for x in a.buffers.split(",")], [int(x) for x in a.dims.split(",")]
     t = time.perf_counter()
-    train = hidden_means(a.model, _pairs(a.train, max(buffers)), a.max_length)
-    heldout = hidden_means(a.model, _pairs(a.heldout, 10**9), a.max_length)
+    train = hidden_means(a.model, _pairs(a.train, max(buffers)), a.max_length, a.max_prompt_length)
+    heldout = hidden_means(a.model, _pairs(a.heldout, 10**9), a.max_length, a.max_prompt_length)
     print(f"features of {len(train)} + {len(heldout)} pairs in {time.perf_counter() - t:.0f} s", flush=True)
     rows = []
     print("| probe | buffer | dim | reg | fit accuracy | held-out accuracy |\n|---|---|---|---|---|---|")
