@@ -43,7 +43,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.model.name = "gpt2"  # a preset (fresh weights when init == "scratch"), a hub name or a local directory
     c.model.init = "pretrained"  # "pretrained" (hub/dir weights) or "scratch" (a preset trained from zero)
     c.model.dtype = "float32"  # compute dtype; bfloat16 on accelerators
-    c.model.remat = False
+    # Recompute activations in the backward pass, keeping what remat_policy says: "dots" (the matmul outputs;
+    # measured -37% peak memory at no measurable step time, docs/benchmarks.md) or "nothing".
+    c.model.remat = True
+    c.model.remat_policy = "dots"
+    c.model.logprob_chunk = 32  # response positions scored per chunk without full logits; 0: full logits
     # Shape changes of a scratch preset, e.g. n_layer; unset (None) keeps the preset's value. Declared (typed)
     # here so that `--config.model.overrides.n_layer=3` works: the command line can only set existing fields.
     c.model.overrides = ml_collections.ConfigDict({k: config_dict.placeholder(t) for k, t in MODEL_OVERRIDES.items()})
@@ -180,6 +184,8 @@ def _check_numbers(c: ml_collections.ConfigDict) -> None:
 
 
 def _check_model(c: ml_collections.ConfigDict) -> None:
+    if c.model.logprob_chunk < 0:
+        raise ConfigError(f"model.logprob_chunk must be >= 0 (0: full logits), got {c.model.logprob_chunk}")
     overrides = [k for k, v in c.model.overrides.items() if v is not None]
     if overrides and (c.model.init != "scratch" or c.train.init_from):
         logging.warning("model.overrides (%s) are ignored: a pretrained model's shape is its config.json's",

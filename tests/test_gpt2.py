@@ -52,7 +52,11 @@ def test_logits_and_logprobs_match_transformers(tmp_path, mesh1, config):
     loss_mask = mask.copy()
     loss_mask[:, :2] = 0  # the first two tokens play the prompt
     ours_lp, counts = gpt2.sequence_logprobs(out.logits, jnp.asarray(ids), jnp.asarray(loss_mask))
-    np.testing.assert_allclose(np.asarray(ours_lp), _torch_seq_logprobs(ref, ids, mask, loss_mask), rtol=1e-5, atol=1e-4)
+    theirs_lp = _torch_seq_logprobs(ref, ids, mask, loss_mask)
+    np.testing.assert_allclose(np.asarray(ours_lp), theirs_lp, rtol=1e-5, atol=1e-4)
+    chunked_lp, _, _ = model.response_logprobs(jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(loss_mask))
+    assert model.cfg.logprob_chunk > 0  # the training path: no full logits
+    np.testing.assert_allclose(np.asarray(chunked_lp), theirs_lp, rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(counts), loss_mask.sum(1))
 
 

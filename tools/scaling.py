@@ -7,7 +7,7 @@ Parameters and optimizer state follow the parameter table (cvxdpo.model.gpt2.PAR
 rules (cvxdpo.mesh.LOGICAL_RULES) exactly: each dimension is divided by the mesh axes it is split over, and a
 mesh the trainer would refuse (a dimension that does not divide, a batch that does not divide) is marked so.
 Activations are counted per sequence and layer as A_E L E + A_H H L^2 + A_M L M elements plus A_V L V for the
-logits (see `memory` for remat), with coefficients fitted to XLA's compiled memory analysis of the real train
+logits (A_V_CHUNKED C V for the chunked log-probs' chunk of C positions, the default) (see `memory` for remat), with coefficients fitted to XLA's compiled memory analysis of the real train
 step (float32, CPU);
 tests/test_scaling.py checks the whole estimate against that analysis on simulated meshes of up to 8 devices.
 Communication is what ring collectives send per device: gradients all-reduced over `data`, parameters
@@ -36,6 +36,9 @@ LAYOUTS = {"data": 0, "fsdp": 1, "tensor": 2}  # which mesh axis holds all devic
 DEVICES = tuple(2 ** k for k in range(9))  # 1 .. 256
 # Elements kept per sequence by the step, fitted to XLA's memory analysis (see the module docstring).
 A_E, A_H, A_M, A_V = 18.0, 2.0, 6.0, 10.0
+# The chunked log-probs (model.logprob_chunk > 0) hold a chunk's logits, softmax and weighted softmax instead of
+# the whole (L, V) logits and their gradient (cvxdpo.model.logprobs; tests/test_logprobs.py measures it).
+A_V_CHUNKED = 3.0
 REMAT_A_E = 2.0  # with remat a layer keeps only its inputs (and their copy in the scan's stack)
 BYTES = {"float32": 4, "bfloat16": 2}
 GIB = 2 ** 30
@@ -79,7 +82,11 @@ def activation_elements(cfg: gpt2.GPT2Config, shape: dict[str, int], sequences: 
     t = shape["tensor"]  # splits heads, MLP width and vocabulary; the E-wide activations stay whole
     one_layer = A_E * length * cfg.n_embd + (A_H * cfg.n_head * length ** 2 + A_M * length * cfg.d_mlp) / t
     inputs = REMAT_A_E * cfg.n_layer * length * cfg.n_embd
-    return local * one_layer, local * inputs, local * A_V * length * cfg.padded_vocab_size / t
+    if cfg.logprob_chunk:
+        logits = A_V_CHUNKED * min(length, cfg.logprob_chunk) * cfg.padded_vocab_size / t
+    else:
+        logits = A_V * length * cfg.padded_vocab_size / t
+    return local * one_layer, local * inputs, local * logits
 
 
 def memory(cfg: gpt2.GPT2Config, shape: dict[str, int], sequences: int, length: int, method: str = "dpo",

@@ -23,23 +23,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cvxdpo import losses
-from cvxdpo.model import gpt2
 from cvxdpo.train import anchor
 
 
 def pair_forward(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Summed response log-probs (B, 2), response lengths (B, 2) and final hidden states (2B, L, E)."""
     B, _, L = batch["input_ids"].shape
-    ids_2BxL = batch["input_ids"].reshape(2 * B, L)
-    out = nnx.merge(graphdef, params)(ids_2BxL, batch["attention_mask"].reshape(2 * B, L))
-    logps_2B, counts_2B = gpt2.sequence_logprobs(out.logits, ids_2BxL, batch["loss_mask"].reshape(2 * B, L))
-    return logps_2B.reshape(B, 2), counts_2B.reshape(B, 2), out.hidden
+    logps_2B, counts_2B, hidden_2BxLxE = nnx.merge(graphdef, params).response_logprobs(
+        *(batch[k].reshape(2 * B, L) for k in ("input_ids", "attention_mask", "loss_mask")))
+    return logps_2B.reshape(B, 2), counts_2B.reshape(B, 2), hidden_2BxLxE
 
 
 def sequence_forward(graphdef, params, batch: dict) -> tuple[jax.Array, jax.Array]:
     """Summed response log-probs (B,) and response lengths (B,) of an SFT batch (B, L)."""
-    out = nnx.merge(graphdef, params)(batch["input_ids"], batch["attention_mask"])
-    return gpt2.sequence_logprobs(out.logits, batch["input_ids"], batch["loss_mask"])
+    logps_B, counts_B, _ = nnx.merge(graphdef, params).response_logprobs(
+        batch["input_ids"], batch["attention_mask"], batch["loss_mask"])
+    return logps_B, counts_B
 
 
 def _lengths(counts_Bx2) -> dict:

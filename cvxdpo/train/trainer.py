@@ -165,7 +165,8 @@ class Trainer:
     def _initial_model(self):
         """(GPT2Config, parameters or None for a fresh init) from init_from, a hub name/dir, or a preset."""
         c, tok = self.c, self.tokenizer
-        numerics = dict(dtype=c.model.dtype, remat=c.model.remat)
+        numerics = dict(dtype=c.model.dtype, remat=c.model.remat, remat_policy=c.model.remat_policy,
+                        logprob_chunk=c.model.logprob_chunk)
         if c.train.init_from:
             source = data_lib.init_from_dir(c.train.init_from)
         elif c.model.init == "scratch":
