@@ -54,6 +54,23 @@ def test_gated_relu_reaches_the_global_optimum(loss, seed):
 
 
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
+def test_gated_relu_in_float32_reaches_the_cvxpy_optimum(loss):
+    """The same problem with float32 data: the solve runs in float32 (2 CG steps, the extrapolated dual
+    point) and certifies a 1e-5 relative gap, about 100 float32 epsilons: the objective's 200-row sums round
+    at a few 1e-7, which leaves a 1e-6 certificate little room. Its weights, scored in float64, are within
+    the certified 1e-5 of Clarabel's optimum (measured 3e-10: the float32 certificate is the loose part)."""
+    X, y = problem(0)
+    clf = ConvexReLUClassifier(num_gates=P, beta=BETA, loss=loss, gap_tol=1e-5).fit(X.astype(np.float32), y)
+    assert clf.weights_.dtype == jnp.float32 and admm.STATUS[int(clf.info_.status)] == "converged"
+    assert 0 <= clf.duality_gap() <= 1e-5
+    optimum = cvxpy_optimum(clf, X, y)
+    Xj = jnp.asarray(X)
+    scored = float(gr.objective(Xj, jnp.asarray(y), gr.masks(Xj, clf.gates_.astype(jnp.float64)), jnp.ones(P),
+                                jnp.asarray(clf.weights_, jnp.float64), BETA, loss))
+    assert abs(scored - optimum) <= 1e-5 * abs(optimum)
+
+
+@pytest.mark.parametrize("loss", ["squared", "logistic"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_exact_relu_matches_cvxpy_and_its_recovered_network(loss, seed):
     X, y = problem(seed)
@@ -90,9 +107,13 @@ def test_sharded_iterates_equal_one_device(shape, rows, loss):
     one = ConvexReLUClassifier(**kwargs).fit(X, y)
     many = ConvexReLUClassifier(**kwargs, mesh=mesh_lib.make_mesh(shape), gate_axis="tensor", row_axis=rows).fit(X, y)
     assert int(many.info_.iterations) == int(one.info_.iterations) == 60
+    # 1e-7: z and mu come from F u updated through the CG recurrences, where the all-reduces' order of sums
+    # accumulates over the 60 iterations instead of being recomputed. The squared loss's run amplifies rounding
+    # itself: on one device, X changed by 1 ulp moves mu by 2.4e-8; the sharded runs differ by 6.0e-8 in mu and
+    # 2.0e-8 in z (logistic: 1.6e-15). A missing or doubled all-reduce moves them by O(1).
     for name in ("u", "v", "z", "mu", "lam"):
         a, b = np.asarray(getattr(one.state_, name)), np.asarray(getattr(many.state_, name))
-        assert np.abs(a - b).max() <= 1e-8 * max(np.abs(a).max(), 1.0), name
+        assert np.abs(a - b).max() <= 1e-7 * max(np.abs(a).max(), 1.0), name
 
 
 def test_warm_start_inside_jit_and_one_compilation():

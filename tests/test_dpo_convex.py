@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from cvxdpo import losses
+from cvxdpo import mesh as mesh_lib
 from cvxdpo.train import anchor, objectives
 from cvxdpo.train import step as step_lib
 from cvxdpo.train.logs import read_metrics
@@ -101,6 +102,30 @@ def test_refit_standardizes_the_raw_buffer_and_reaches_the_cvxpy_optimum():
     assert state32.admm.v.dtype == jnp.float32
     assert abs(_numpy_objective(X, y, gates, np.asarray(state32.admm.v, np.float64), cfg.penalty) - optimum) \
         <= 1e-5 * optimum
+
+
+def test_refit_on_a_data_mesh_splits_the_rows_and_equals_one_device():
+    """On a mesh with several data shards (8 simulated devices) the refit traced inside a jitted step runs the
+    row-sharded ADMM (a shard_map over the data axis) and lands on the single-device refit's weights to
+    float32 tolerance: only the order of the row sums differs."""
+    cfg = anchor.AnchorConfig(dim=8, buffer=32, refresh_every=1, num_gates=8, admm_iters=60)
+    first, second = _drifting_batches(np.random.default_rng(1), 16, cfg.dim)
+
+    def refit(mesh):
+        state = anchor.init(cfg, n_embd=16, seed=0)
+        update = jax.jit(lambda s, f: anchor.update(s, f, jnp.int32(0), cfg))
+        with mesh_lib.use_mesh(mesh):
+            traced = str(jax.make_jaxpr(lambda s: anchor.refit(s, cfg))(state))
+            state = update(update(state, jnp.asarray(first, jnp.float32)), jnp.asarray(second, jnp.float32))
+        return state, "shard_map" in traced
+
+    one, one_sharded = refit(mesh_lib.make_mesh("1,1,1", devices=jax.devices()[:1]))
+    many, many_sharded = refit(mesh_lib.make_mesh("8,1,1"))
+    assert many_sharded and not one_sharded
+    assert float(many.fit["iterations"]) == float(one.fit["iterations"]) > 0
+    a, b = np.asarray(one.admm.v), np.asarray(many.admm.v)
+    assert a.dtype == np.float32 and np.abs(a - b).max() <= 1e-4 * np.abs(a).max()
+    assert float(many.fit["objective"]) == pytest.approx(float(one.fit["objective"]), rel=1e-5)
 
 
 def test_state_holds_exactly_the_policy(tmp_path, pairs):

@@ -1,22 +1,35 @@
-"""Time to a certified optimality gap: cvxdpo's ADMM against scnn (R-FISTA) and cvxpy (Clarabel).
+"""Time to a relative suboptimality on a fixed problem: cvxdpo's ADMM, alone or side by side with scnn.
 
-    python tools/bench_admm.py --json=bench_admm.json                       # the default grid
-    python tools/bench_admm.py --n=1000,10000 --d=32 --P=16,64 --losses=squared
-    python tools/bench_admm.py --per_iteration --devices                   # cost vs n, speed-up vs devices
+    python tools/convex_problems.py --out=problems              # the peer's problems as .npz files
+    python tools/bench_admm.py --problem=problems/squared_10000_32_64.npz --tol=1e-6 --json=out.json \\
+        [--weights=W.npy] [--stop=target|certificate]
+    python tools/bench_admm.py --problem=problems/squared_10000_32_64.npz,... --peer=scnn [--repeats=2]
 
-Each case is a gated-ReLU problem (X ~ N(0, 1), labels from a noisy linear
-teacher, beta = 0.01 n). The reference is a certified lower bound L on the
-optimum: the dual value at ADMM's solution, whose relative gap is <= 1e-6.
-A solver's relative gap is (objective - L) / objective.
+A problem file holds X [n, d], y [n] (+-1), G [d, P] (gate i is D_i = diag(1[X G[:, i] >= 0])), the
+scalars lam, loss ("squared" or "logistic") and f_star. Its objective is the benchmark contract's, with
+1/n scaling:
 
-- ADMM: time of one jitted solve that stops at a relative duality gap of 1e-6
-  (compilation timed separately and excluded).
-- scnn R-FISTA (`pip install --no-deps pyscnn linalg_backends`, needs torch):
-  its own objective trace (objective is loss/n + lambda * penalty, lambda =
-  beta / n), run to tol 1e-10; the time is the trace's first time within 1e-6
-  of L. scnn has no logistic loss: those cells say so.
-- cvxpy + Clarabel (default tolerances) where the problem fits (n * d * P <=
-  --cvxpy_budget); otherwise "too large".
+    squared:  (1/(2n)) ||sum_i D_i X w_i - y||^2 + lam sum_i ||w_i||_2
+    logistic: (1/n) sum_j log(1 + exp(-y_j (F w)_j)) + lam sum_i ||w_i||_2
+
+cvxdpo's solver minimizes the summed loss + beta sum_i ||w_i||_2, which is n times that objective with
+beta = n * lam: the tool passes beta = n * lam and divides the solver's objective by n, so every number it
+prints or writes is in the contract's scaling.
+
+time_s is the wall time of one compiled solve that stops at the first check where
+(f - f_star) / |f_star| <= tol (--stop=target), or where its own duality-gap certificate proves
+that bound without knowing f_star (--stop=certificate); compilation and a warm-up call are excluded.
+The JSON holds {"time_s", "iterations", "objective", "rel_subopt", "threads"} and, for the certificate,
+"certified_gap" (an upper bound on rel_subopt). --weights saves the solution [d, P].
+
+--peer=scnn runs scnn's R-FISTA (pyscnn 0.0.10) on the same problems, alternating ours and scnn's
+runs (A B A B ...) so that both see the same machine load, and prints a table of the median times and
+their ratio. scnn's time is its own per-iteration timer (metric collection excluded) at the first
+iteration whose objective is within tol of f_star; its first run finds that iteration, the later
+ones stop right after it (its iterates are deterministic).
+
+Threads: --threads (default 2) pins the process to that many cores and sizes the XLA and OpenBLAS
+thread pools alike, before either library is imported, so both solvers get the same threads.
 """
 
 from __future__ import annotations
@@ -24,11 +37,43 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
+import statistics
 import sys
 import time
 
-import numpy as np
+
+def _parser():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--problem", required=True, help="a .npz problem file, or several separated by commas")
+    parser.add_argument("--tol", type=float, default=1e-6, help="relative suboptimality to reach")
+    parser.add_argument("--stop", choices=("target", "certificate"), default="target",
+                        help="stop on the known f_star (target) or on ADMM's own duality gap (certificate)")
+    parser.add_argument("--json", default=None, help="write the result(s) here")
+    parser.add_argument("--weights", default=None, help="save ADMM's solution [d, P] here (.npy; one problem)")
+    parser.add_argument("--peer", choices=("scnn",), default=None, help="also time this solver, alternating")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs of each solver per problem")
+    parser.add_argument("--threads", type=int, default=2, help="cores and BLAS/XLA threads for both solvers")
+    parser.add_argument("--max_iter", type=int, default=100_000)
+    parser.add_argument("--scnn_max_iter", type=int, default=400, help="iterations of scnn's first run")
+    return parser
+
+
+def _pin_threads(threads: int) -> None:
+    """Same cores and thread pools for XLA and OpenBLAS; must run before numpy or jax is imported."""
+    if hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])
+    for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[name] = str(threads)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={threads}").strip()
+
+
+if __name__ == "__main__":
+    _ARGS = _parser().parse_args()
+    _pin_threads(_ARGS.threads)
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -40,184 +85,127 @@ import jax.numpy as jnp  # noqa: E402
 from cvxdpo.convex import admm  # noqa: E402
 from cvxdpo.convex import gated_relu as gr  # noqa: E402
 
-TARGET = 1e-6
+SCNN_MISSING = ("scnn is not installed: pip install --no-deps pyscnn==0.0.10 linalg_backends "
+                "(beside torch, numpy, scipy and opt_einsum)")
 
 
-def make_problem(n, d, seed=0):
-    rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, d))
-    y = np.sign(X @ rng.standard_normal(d) + 0.5 * rng.standard_normal(n))
-    return X, y
+def load_problem(path: str) -> dict:
+    with np.load(path) as f:
+        return {"X": f["X"], "y": f["y"], "G": f["G"], "lam": float(f["lam"]), "loss": str(f["loss"]),
+                "f_star": float(f["f_star"]), "name": os.path.splitext(os.path.basename(path))[0]}
 
 
-def run_admm(X, y, P, loss, gap_tol=TARGET, max_iter=100_000, mesh=None, axes=gr.Axes(), iterations=None):
-    """(seconds, compile seconds, info, state, problem arrays)."""
-    n, d = X.shape
-    cfg = admm.ADMMConfig(loss=loss, beta=0.01 * n, max_iter=iterations or max_iter,
-                          gap_tol=0.0 if iterations else gap_tol, abs_tol=0.0 if iterations else 1e-8,
-                          rel_tol=0.0 if iterations else 1e-7)
-    Xj, yj = jnp.asarray(X), jnp.asarray(y)
-    M = gr.masks(Xj, gr.sample_gates(0, d, P, jnp.float64))
-    signs = jnp.ones(P)
-    state = admm.init_state(n, d, P, "gated", cfg.rho, jnp.float64)
-    solver = admm.make_solver(cfg, mesh, axes)
-    t = time.perf_counter()
-    compiled = solver.lower(Xj, yj, M, signs, state).compile()
-    compile_s = time.perf_counter() - t
-    t = time.perf_counter()
-    state, info = compiled(Xj, yj, M, signs, state)
-    jax.block_until_ready(state)
-    return time.perf_counter() - t, compile_s, jax.device_get(info), state, (Xj, yj, M, signs, cfg.beta)
+class Admm:
+    """One problem compiled once; each call times a solve from a cold start (contract scaling in and out)."""
+
+    def __init__(self, X, y, G, lam, loss, gap_tol=0.0, max_iter=100_000):
+        n, d = X.shape
+        self.n, self.P = n, G.shape[1]
+        self.cfg = admm.ADMMConfig(loss=loss, beta=n * lam, max_iter=max_iter, gap_tol=gap_tol)
+        self.args = (jnp.asarray(X), jnp.asarray(y), gr.masks(jnp.asarray(X), jnp.asarray(G)), jnp.ones(self.P))
+        self.state0 = admm.init_state(n, d, self.P, "gated", self.cfg.rho, jnp.float64)
+        solver = admm.make_solver(self.cfg)
+        self.compiled = solver.lower(*self.args, self.state0, 0.0).compile()
+        self(target=np.inf)  # warm-up: stops at the first check
+
+    def __call__(self, target=-np.inf) -> dict:
+        """target: stop once the contract objective is at most this (default: only the certificate or max_iter)."""
+        t = time.perf_counter()
+        state, info = self.compiled(*self.args, self.state0, self.n * target)
+        jax.block_until_ready(state)
+        seconds = time.perf_counter() - t
+        info = jax.device_get(info)
+        return {"time_s": seconds, "iterations": int(info.iterations), "cg_iterations": int(info.cg_iterations),
+                "objective": float(info.objective) / self.n, "lower_bound": float(info.lower_bound) / self.n,
+                "status": admm.STATUS[int(info.status)], "weights": np.asarray(state.v)}
 
 
-def run_scnn(X, y, P, lower, beta):
+def solve_problem(X, y, G, lam, loss, gap_tol, max_iter) -> dict:
+    """A long certified run (tools/convex_problems.py's f_star): objective and lower bound, contract scaling."""
+    return Admm(X, y, G, lam, loss, gap_tol=gap_tol, max_iter=max_iter)()
+
+
+def run_ours(prob: dict, args, solver: Admm | None = None) -> tuple[dict, Admm]:
+    f_star = prob["f_star"]
+    if solver is None:
+        solver = Admm(prob["X"], prob["y"], prob["G"], prob["lam"], prob["loss"],
+                      gap_tol=args.tol if args.stop == "certificate" else 0.0, max_iter=args.max_iter)
+    out = solver(f_star + args.tol * abs(f_star) if args.stop == "target" else -np.inf)
+    out["rel_subopt"] = (out["objective"] - f_star) / abs(f_star)
+    out["certified_gap"] = (out["objective"] - out["lower_bound"]) / abs(out["objective"])
+    return out, solver
+
+
+def run_scnn(prob: dict, tol: float, max_iter: int) -> dict:
+    """R-FISTA for max_iter iterations; time and iteration of the first objective within tol of f_star."""
+    from scnn.metrics import Metrics
+    from scnn.models import ConvexGatedReLU
+    from scnn.optimize import optimize_model
+    from scnn.regularizers import NeuronGL1
+    from scnn.solvers import RFISTA
+
+    model = ConvexGatedReLU(prob["G"])
+    _, metrics = optimize_model(model, RFISTA(model, max_iters=max_iter, tol=1e-16), Metrics(metric_freq=1),
+                                prob["X"], prob["y"], regularizer=NeuronGL1(prob["lam"]), unitize_data=False,
+                                return_convex=True, dtype="float64")
+    objective, times = np.asarray(metrics.objective, float), np.asarray(metrics.time, float)
+    hit = np.nonzero((objective - prob["f_star"]) / abs(prob["f_star"]) <= tol)[0]
+    if not hit.size:
+        return {"time_s": None, "iterations": None, "status": f"not within {tol:g} in {max_iter} iterations"}
+    k = int(hit[0])
+    return {"time_s": float(times[k]), "iterations": k, "objective": float(objective[k]), "status": "reached"}
+
+
+def side_by_side(problems: list[dict], args) -> list[dict]:
     try:
-        from scnn.metrics import Metrics
-        from scnn.models import ConvexGatedReLU
-        from scnn.optimize import optimize_model
-        from scnn.regularizers import NeuronGL1
-        from scnn.solvers import RFISTA
+        import scnn  # noqa: F401
     except ImportError:
-        return {"status": "pyscnn not installed"}
-    n, d = X.shape
-    gates = np.asarray(gr.sample_gates(0, d, P, jnp.float64))
-    model = ConvexGatedReLU(gates)
-    t = time.perf_counter()
-    _, metrics = optimize_model(model, RFISTA(model, max_iters=20_000, tol=1e-10),
-                                Metrics(metric_freq=1, objective=True, time=True, grad_norm=False), X, y,
-                                regularizer=NeuronGL1(beta / n), unitize_data=False, dtype="float64",
-                                return_convex=True)
-    total = time.perf_counter() - t
-    objective = np.asarray(metrics.objective) * n
-    times = np.asarray(metrics.time)
-    gaps = (objective - lower) / objective
-    hit = np.nonzero(gaps <= TARGET)[0]
-    return {"seconds": float(times[hit[0]]) if hit.size else None, "total_seconds": total,
-            "final_gap": float(gaps[-1]), "status": "reached" if hit.size else "did not reach 1e-6"}
-
-
-def run_cvxpy(X, y, P, loss, lower, beta, budget):
-    n, d = X.shape
-    if n * d * P > budget:
-        return {"status": "too large"}
-    import cvxpy as cp
-
-    M = np.asarray(gr.masks(jnp.asarray(X), gr.sample_gates(0, d, P, jnp.float64)))
-    U = cp.Variable((d, P))
-    f = cp.sum(cp.multiply(M, X @ U), axis=1)
-    fit = 0.5 * cp.sum_squares(f - y) if loss == "squared" else cp.sum(cp.logistic(-cp.multiply(y, f)))
-    prob = cp.Problem(cp.Minimize(fit + beta * cp.sum(cp.norm(U, 2, axis=0))))
-    t = time.perf_counter()
-    prob.solve(solver=cp.CLARABEL)
-    seconds = time.perf_counter() - t
-    gap = (prob.value - lower) / prob.value
-    return {"seconds": seconds, "final_gap": float(gap), "status": "reached" if gap <= TARGET else "solved, gap above 1e-6"}
-
-
-def grid(args):
+        print(SCNN_MISSING)
+        sys.exit(1)
     rows = []
-    for loss in args.losses.split(","):
-        for n in map(int, args.n.split(",")):
-            for d in map(int, args.d.split(",")):
-                X, y = make_problem(n, d)
-                for P in map(int, args.P.split(",")):
-                    seconds, compile_s, info, state, (Xj, yj, M, signs, beta) = run_admm(X, y, P, loss)
-                    primal = float(gr.objective(Xj, yj, M, signs, state.v, beta, loss))
-                    lower = float(gr.dual_value(Xj, yj, M, signs, state.z, beta, loss))
-                    row = {"loss": loss, "n": n, "d": d, "P": P, "beta": beta,
-                           "admm": {"seconds": seconds, "compile_seconds": compile_s,
-                                    "iterations": int(info.iterations), "cg_iterations": int(info.cg_iterations),
-                                    "final_gap": (primal - lower) / primal, "status": admm.STATUS[int(info.status)]}}
-                    row["scnn"] = run_scnn(X, y, P, lower, beta) if loss == "squared" else {"status": "no logistic loss"}
-                    row["cvxpy"] = run_cvxpy(X, y, P, loss, lower, beta, args.cvxpy_budget)
-                    rows.append(row)
-                    print(format_row(row), flush=True)
+    print(f"| problem | ADMM s (it) | scnn R-FISTA s (it) | ADMM / scnn |  ({args.threads} threads, tol {args.tol:g},"
+          f" stop={args.stop})\n|---|---|---|---|", flush=True)
+    for prob in problems:
+        ours, theirs, solver, scnn_iters = [], [], None, args.scnn_max_iter
+        for _ in range(args.repeats):  # A B A B: both see the same load
+            result, solver = run_ours(prob, args, solver)
+            ours.append(result)
+            theirs.append(run_scnn(prob, args.tol, scnn_iters))
+            if theirs[-1]["iterations"] is not None:
+                scnn_iters = theirs[-1]["iterations"] + 1
+        a = statistics.median(r["time_s"] for r in ours)
+        b = statistics.median(r["time_s"] for r in theirs) if theirs[0]["time_s"] is not None else None
+        row = {"problem": prob["name"], "threads": args.threads, "tol": args.tol, "stop": args.stop,
+               "admm_s": [r["time_s"] for r in ours], "admm_iterations": ours[0]["iterations"],
+               "admm_rel_subopt": ours[-1]["rel_subopt"], "admm_certified_gap": ours[-1]["certified_gap"],
+               "scnn_s": [r["time_s"] for r in theirs], "scnn_iterations": theirs[0]["iterations"],
+               "scnn_status": theirs[0]["status"], "ratio": a / b if b else None}
+        rows.append(row)
+        ratio = f"{row['ratio']:.2f}" if b else theirs[0]["status"]
+        scnn_cell = f"{b:.2f} ({theirs[0]['iterations']})" if b else "-"
+        print(f"| {prob['name']} | {a:.2f} ({ours[0]['iterations']}) | {scnn_cell} | {ratio} |", flush=True)
     return rows
 
 
-def _cell(result):
-    if result.get("seconds") is None:
-        return result.get("status", "-")
-    return f"{result['seconds']:.2f}"
-
-
-def format_row(row):
-    a, s, c = row["admm"], row["scnn"], row["cvxpy"]
-    ratio = f"{s['seconds'] / a['seconds']:.2f}" if s.get("seconds") else "-"
-    return (f"| {row['loss']} | {row['n']} | {row['d']} | {row['P']} | {a['seconds']:.2f} ({a['iterations']} it) | "
-            f"{_cell(s)} | {ratio} | {_cell(c)} |")
-
-
-HEADER = ("| loss | n | d | P | ADMM s (iterations) | scnn R-FISTA s | scnn / ADMM | cvxpy s |\n"
-          "|---|---|---|---|---|---|---|---|")
-
-
-def per_iteration(args):
-    rows = []
-    for n in (1_000, 10_000, 100_000):
-        X, y = make_problem(n, 32)
-        seconds, _, info, _, _ = run_admm(X, y, 64, "squared", iterations=50)
-        rows.append({"n": n, "d": 32, "P": 64, "ms_per_iteration": 1e3 * seconds / int(info.iterations)})
-        print(f"| {n} | {rows[-1]['ms_per_iteration']:.2f} |", flush=True)
-    return rows
-
-
-DEVICE_SCRIPT = """
-import os, sys, time, json
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
-sys.path.insert(0, {root!r})
-import jax
-jax.config.update("jax_enable_x64", True)
-from tools.bench_admm import make_problem, run_admm
-from cvxdpo import mesh as mesh_lib
-from cvxdpo.convex.gated_relu import Axes
-X, y = make_problem(20000, 32)
-out = []
-for k in (1, 2, 4, 8):
-    mesh = mesh_lib.make_mesh(f"1,1,{{k}}", devices=jax.devices()[:k])
-    seconds, _, info, _, _ = run_admm(X, y, 256, "squared", mesh=mesh, axes=Axes("tensor"), iterations=30)
-    out.append({{"devices": k, "seconds": seconds}})
-print(json.dumps(out))
-"""
-
-
-def devices(args):
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-c", DEVICE_SCRIPT.format(root=root)], capture_output=True, text=True,
-                         check=True, cwd=root)
-    rows = json.loads(out.stdout.strip().splitlines()[-1])
-    for r in rows:
-        r["speedup"] = rows[0]["seconds"] / r["seconds"]
-        print(f"| {r['devices']} | {r['seconds']:.2f} | {r['speedup']:.2f} |", flush=True)
-    return rows
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", default="1000,10000,100000")
-    parser.add_argument("--d", default="32,128")
-    parser.add_argument("--P", default="16,64,256")
-    parser.add_argument("--losses", default="squared,logistic")
-    parser.add_argument("--cvxpy_budget", type=float, default=2e7, help="largest n * d * P given to cvxpy")
-    parser.add_argument("--skip_grid", action="store_true")
-    parser.add_argument("--per_iteration", action="store_true")
-    parser.add_argument("--devices", action="store_true")
-    parser.add_argument("--json", default=None)
-    args = parser.parse_args()
-    report = {}
-    if not args.skip_grid:
-        print(HEADER)
-        report["grid"] = grid(args)
-    if args.per_iteration:
-        print("| n | ms / ADMM iteration (d=32, P=64) |\n|---|---|")
-        report["per_iteration"] = per_iteration(args)
-    if args.devices:
-        print("| devices | seconds for 30 iterations (n=20000, d=32, P=256) | speed-up |\n|---|---|---|")
-        report["devices"] = devices(args)
+def main(args):
+    problems = [load_problem(p) for p in args.problem.split(",")]
+    if args.peer:
+        report = side_by_side(problems, args)
+    else:
+        report = []
+        for prob in problems:
+            result, _ = run_ours(prob, args)
+            if args.weights:
+                np.save(args.weights, result["weights"])
+            report.append({k: result[k] for k in ("time_s", "iterations", "objective", "rel_subopt",
+                                                   "certified_gap", "cg_iterations", "status")}
+                          | {"threads": args.threads, "problem": prob["name"], "stop": args.stop})
+            print(json.dumps(report[-1]), flush=True)
+        report = report[0] if len(report) == 1 else report
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
 
 
 if __name__ == "__main__":
-    main()
+    main(_ARGS)

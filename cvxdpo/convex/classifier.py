@@ -14,6 +14,7 @@ ValueErrors) that says what is wrong, before any JAX work.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -106,6 +107,11 @@ class ConvexReLUClassifier:
         self.info_ = jax.device_get(info)
         if int(self.info_.status) == admm.DIVERGED:
             raise DataError("ADMM diverged (residuals became NaN or infinite); try a larger beta or rescale X")
+        if int(self.info_.status) == admm.MAX_ITER:
+            stopped = f"relative duality gap {float(self.info_.gap):.1e} > gap_tol={self.gap_tol:g}" \
+                if self.variant == "gated" and self.gap_tol > 0 else "the residuals above their tolerances"
+            warnings.warn(f"ConvexReLUClassifier stopped at max_iter={self.max_iter} with {stopped}; raise max_iter "
+                          "or beta (beta multiplies the summed loss: it scales with n)", RuntimeWarning, stacklevel=2)
         self._data = (Xj, yj, M, signs)
         return self
 
@@ -138,7 +144,8 @@ class ConvexReLUClassifier:
         self._check_fitted()
         X, y, M, signs = self._data
         primal = gr.objective(X, y, M, signs, self.weights_, self.beta, self.loss)
-        dual = gr.dual_value(X, y, M, signs, self.state_.z, self.beta, self.loss)
+        # the solver's best certified bound (extrapolated dual points), or the one z gives if better
+        dual = jnp.maximum(self.info_.lower_bound, gr.dual_value(X, y, M, signs, self.state_.z, self.beta, self.loss))
         return float((primal - dual) / jnp.abs(primal))
 
     def to_relu_network(self) -> tuple[np.ndarray, np.ndarray]:

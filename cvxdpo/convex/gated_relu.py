@@ -107,17 +107,48 @@ def _entropy(a):
     return -(jax.scipy.special.xlogy(a, a) + jax.scipy.special.xlogy(1 - a, 1 - a))
 
 
-def dual_value(X, y, M, signs, f, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
-    """A lower bound on the optimum from the dual point built at predictions f, e.g. f = F U (gated model).
+def dual_direction(f, y, loss: str) -> jax.Array:
+    """-grad loss(f): the dual point the predictions f suggest, before it is scaled to be feasible."""
+    return y - f if loss == "squared" else y * jax.nn.sigmoid(-y * f)
 
-    theta = -grad loss(f), scaled by min(1, beta / max_i ||X^T D_i theta||) to
-    be dual feasible; the dual objective is theta.y - ||theta||^2 / 2 for the
-    squared loss and sum_j H(a_j) (binary entropy, theta_j = y_j a_j) for the
-    logistic loss.
+
+def dual_bound(X, y, M, signs, theta, beta, loss: str, axes: Axes = Axes(), bisection_steps: int = 40) -> jax.Array:
+    """The best lower bound on the optimum along the ray s * theta (s >= 0 for logistic), any theta (n,).
+
+    The dual is max_theta -loss*(-theta) s.t. ||X^T D_i theta|| <= beta: theta.y - ||theta||^2 / 2 for the
+    squared loss, sum_j H(theta_j y_j) (binary entropy, 0 <= theta_j y_j <= 1) for the logistic loss.
+    Feasibility caps |s| at smax = beta / max_i ||X^T D_i theta||. Scaling by min(1, smax) alone loses a
+    first-order amount whenever theta is off the optimum; the best s on the ray is closed form for the
+    squared loss (clip(theta.y / ||theta||^2, -smax, smax)) and, for the logistic loss, the root of the
+    decreasing derivative sum_j a_j log((1 - s a_j) / (s a_j)) (a = theta y), found by bisection.
     """
-    theta = y - f if loss == "squared" else y * jax.nn.sigmoid(-y * f)
+    if loss == "logistic":
+        theta = y * jnp.clip(theta * y, 0.0, 1.0)  # the entropy's domain; clipping keeps the bound valid
     worst = pmax(jnp.max(group_norms(adjoint(X, M, signs, theta, axes))), axes.gates)
-    theta = theta * jnp.minimum(1.0, beta / jnp.maximum(worst, 1e-30))
+    smax = beta / jnp.maximum(worst, 1e-30)
     if loss == "squared":
-        return psum(jnp.dot(theta, y) - 0.5 * jnp.dot(theta, theta), axes.rows)
-    return psum(jnp.sum(_entropy(jnp.clip(theta * y, 0.0, 1.0))), axes.rows)
+        ty, tt = psum(jnp.dot(theta, y), axes.rows), psum(jnp.dot(theta, theta), axes.rows)
+        s = jnp.clip(ty / jnp.maximum(tt, 1e-30), -smax, smax)
+        return s * ty - 0.5 * s * s * tt
+    a = theta * y
+    top = jnp.minimum(smax, 1.0 / jnp.maximum(pmax(jnp.max(a), axes.rows), 1e-30))
+
+    def slope(s):
+        sa = s * a
+        return psum(jnp.sum(jnp.where(a > 0, a * (jnp.log1p(-sa) - jnp.log(jnp.maximum(sa, 1e-300))), 0.0)),
+                    axes.rows)
+
+    def bisect(_, bracket):
+        lo, hi = bracket
+        mid = 0.5 * (lo + hi)
+        rising = slope(mid) > 0
+        return jnp.where(rising, mid, lo), jnp.where(rising, hi, mid)
+
+    lo, _ = jax.lax.fori_loop(0, bisection_steps, bisect, (jnp.zeros_like(top), top))
+    return psum(jnp.sum(_entropy(lo * a)), axes.rows)
+
+
+def dual_value(X, y, M, signs, f, beta, loss: str, axes: Axes = Axes()) -> jax.Array:
+    """A lower bound on the optimum from the dual point built at predictions f, e.g. f = F U (gated model):
+    -grad loss(f), scaled optimally within feasibility (see dual_bound)."""
+    return dual_bound(X, y, M, signs, dual_direction(f, y, loss), beta, loss, axes)

@@ -62,6 +62,7 @@ PROBES = ("convex", "linear")
 CONTROLS = ("none", "shuffled", "constant")
 FEATURES = ("policy", "frozen")
 SHUFFLE_STREAM = 1  # folded into the train state's key, so the shuffle's draws are its own
+ROW_AXIS = "data"  # the mesh axis a refit splits the buffer's rows over
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +190,19 @@ def margin(state: AnchorState, features_Bx2xK: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient(_chosen_minus_rejected(_scores(state, z_2BxK)))
 
 
+def _row_axes(rows: int) -> gr.Axes:
+    """Rows over the mesh's data axis when a mesh with several data shards is set (as the train step is
+    traced) and they divide the buffer's rows; otherwise no sharding: every device refits the whole buffer."""
+    mesh = jax.sharding.get_abstract_mesh()
+    shards = 1 if mesh.empty else dict(mesh.shape).get(ROW_AXIS, 1)
+    return gr.Axes(rows=ROW_AXIS) if shards > 1 and rows % shards == 0 else gr.Axes()
+
+
 def refit(state: AnchorState, cfg: AnchorConfig) -> AnchorState:
     """Warm-started ADMM on the buffer standardized by its own statistics, at most cfg.admm_iters iterations.
 
+    On a mesh with several data shards the buffer's rows are split over them (`jax.shard_map`; each
+    F-product all-reduces an n-vector or a (d, P) block), so each device works on its share of the rows.
     Every output keeps the dtype of the field it replaces (float32 in training; a float64 copy of the state
     refits in float64, as the tests that compare with an independent solver do).
     """
@@ -201,9 +212,9 @@ def refit(state: AnchorState, cfg: AnchorConfig) -> AnchorState:
     y = labels(cfg, X.dtype)
     M = gr.masks(X, state.gates)
     signs = jnp.ones((state.gates.shape[1],), X.dtype)
-    prob = admm.Problem(X, y, M, signs, jnp.zeros((0, 0), X.dtype), admm.block_weight(X, M))
     empty = jnp.zeros((X.shape[0], 0), X.dtype)
-    new, info = admm.solve_local(prob, state.admm._replace(s=empty, nu=empty), cfg.admm_config())
+    solve = admm.sharded_solve(cfg.admm_config(), axes=_row_axes(X.shape[0]))
+    new, info = solve(X, y, M, signs, state.admm._replace(s=empty, nu=empty), jnp.asarray(-jnp.inf, X.dtype))
     state = state.replace(admm=_without_slack(new))
     f = _scores(state, X)
     rms = jnp.sqrt(jnp.mean(jnp.square(_chosen_minus_rejected(f))))
