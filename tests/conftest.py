@@ -7,6 +7,10 @@ here, at import, before any test module imports jax.
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# XLA:CPU runs the simulated devices on max(cores, devices) threads, and a collective holds its thread until
+# every device joins: two collectives in flight at once (DPO-Convex's ADMM beside the model's) can then take
+# every thread and deadlock. 4 threads per simulated device rules that out (tests/multiprocess.py says more).
+os.environ.setdefault("PJRT_NPROC", "32")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network; the hub code fails fast

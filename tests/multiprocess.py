@@ -1,9 +1,10 @@
 """`launch.train` on the tiny config as several local processes joined by jax.distributed: the CPU path of a
 multi-host run (each process simulates its share of 8 CPU devices, collectives go through gloo).
 
-Every launch goes through tests/process_hook.py, which records the examples each process reads. One-process
-launches share a JAX compilation cache (tools/faults.py's `launch_env`); multi-process launches compile
-afresh (see `launch`).
+Every launch goes through tests/process_hook.py, which records the examples each process reads and the
+tokenizers it saves. One-process launches can share a JAX compilation cache (tools/faults.py's `launch_env`);
+multi-process launches compile afresh (see `start`). A launch runs in the background until `Running.wait`,
+so that launches that do not depend on each other can run side by side.
 """
 
 from __future__ import annotations
@@ -20,10 +21,18 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEVICES = 8  # simulated devices over all processes of a run
-# XLA aborts a CPU collective that waits 40 s for a device thread; on a busy 2-core machine the 8 device threads
-# of a run can be starved that long, so the wait is raised (a real hang still ends at the test's timeout).
+# XLA aborts a CPU collective that waits 40 s for a device thread; on a busy 2-core machine (another job at a
+# higher priority) the device threads of a run can be starved that long, so the wait is raised (a real hang
+# still ends at the launch's timeout).
 PATIENT_COLLECTIVES = (" --xla_cpu_collective_call_terminate_timeout_seconds=600"
                        " --xla_cpu_collective_timeout_seconds=600")
+# XLA:CPU runs a process's simulated devices on max(cores, devices) threads (PJRT_NPROC stands for the cores),
+# and a collective holds its thread until every device has joined it. A device may run independent collectives
+# at once (in the DPO-Convex step, the ADMM loop's all-gathers over fsdp beside the model's all-reduces over
+# tensor), so with one thread per device all of them can end up waiting for devices that have no thread left:
+# a deadlock, which the patience above turns into a silent hang (seen as the 1-process resume of a 2-process
+# checkpoint "hanging" on an idle machine). Four threads per device leave room: the deadlocks seen held two.
+THREADS_PER_DEVICE = 4
 
 
 def _load_faults():
@@ -49,9 +58,21 @@ def distributed_flags(process_id: int, processes: int, port: int) -> list[str]:
     return [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}", f"--process_id={process_id}"]
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
+def _read_lines(path: str) -> list:
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
 @dataclasses.dataclass
 class Launch:
-    """One start of a run: its processes' exit codes, outputs and recorded batches."""
+    """One start of a run: its processes' exit codes, outputs and records."""
 
     returncodes: list[int]
     stdouts: list[str]
@@ -73,45 +94,68 @@ class Launch:
 
     def batches(self) -> list[list[int]]:
         """Per batch drawn, the example indices of the global batch: the processes' rows in process order."""
-        per_process = []
-        for i in range(len(self.returncodes)):
-            with open(os.path.join(self.record_dir, f"process_{i}.jsonl")) as f:
-                per_process.append([json.loads(line) for line in f])
+        per_process = [self.shards(i) for i in range(len(self.returncodes))]
         return [sum(rows, []) for rows in zip(*per_process)]
 
     def shards(self, process: int) -> list[list[int]]:
-        with open(os.path.join(self.record_dir, f"process_{process}.jsonl")) as f:
-            return [json.loads(line) for line in f]
+        """Per batch drawn by `process`, the example indices of its rows."""
+        return _read_lines(os.path.join(self.record_dir, f"process_{process}.jsonl"))
+
+    def tokenizer_saves(self, process: int) -> list[str]:
+        """The directories that `process` saved a tokenizer to, in order."""
+        return _read_lines(os.path.join(self.record_dir, f"tokenizer_saves_{process}.jsonl"))
 
 
-def launch(workdir: str, record_dir: str, pairs: str, cache_dir: str, processes: int, mesh: str,
-           overrides: list[str], fault: tuple[str, int] | None = None, timeout: float = 600) -> Launch:
-    """Runs launch.train as `processes` processes until all exit. With a `fault` of ("kill-after-save", STEP)
-    every process SIGKILLs itself once the checkpoint of STEP starts being written; a process that a dead
-    peer leaves waiting in a collective is SIGKILLed too, as a cluster scheduler ends a job whose task died."""
+@dataclasses.dataclass
+class Running:
+    """The processes of a launch that has not been waited for."""
+
+    procs: list[subprocess.Popen]
+    record_dir: str
+    fault: tuple[str, int] | None
+    deadline: float
+
+    def wait(self) -> Launch:
+        """Waits until every process has exited; a process that a dead peer leaves waiting in a collective
+        (after a `fault`) is SIGKILLed, as a cluster scheduler ends a job whose task died."""
+        deadline = self.deadline
+        while any(p.poll() is None for p in self.procs) and time.time() < deadline:
+            if self.fault and any(p.poll() == -signal.SIGKILL for p in self.procs):
+                # the others are killing themselves at the same save, or waiting on the dead one
+                deadline = min(deadline, time.time() + 5)
+            time.sleep(0.1)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        outputs = [[_read(os.path.join(self.record_dir, f"{stream}_{i}.txt")) for stream in ("stdout", "stderr")]
+                   for i in range(len(self.procs))]
+        return Launch([p.returncode for p in self.procs], [o for o, _ in outputs], [e for _, e in outputs],
+                      self.record_dir)
+
+
+def start(workdir: str, record_dir: str, pairs: str, cache_dir: str, processes: int, mesh: str,
+          overrides: list[str], fault: tuple[str, int] | None = None, timeout: float = 600) -> Running:
+    """Starts launch.train as `processes` processes, in the background. With a `fault` of ("kill-after-save",
+    STEP) every process SIGKILLs itself once the checkpoint of STEP starts being written. Output goes to files
+    in `record_dir` (a pipe nobody reads while another launch is awaited would fill and stall the process)."""
     port = free_port()
     fault_args = [fault[0], str(fault[1])] if fault else []
-    procs = []
+    os.makedirs(record_dir, exist_ok=True)
     env = faults.launch_env(cache_dir, devices=DEVICES // processes)
     env["XLA_FLAGS"] += PATIENT_COLLECTIVES
+    env["PJRT_NPROC"] = str(THREADS_PER_DEVICE * DEVICES // processes)
     if processes > 1:
-        # JAX writes the persistent cache from process 0 only, so in a rerun process 0 loads its programs while
-        # the others compile theirs; resumed 2-process runs then failed in gloo with mismatched collective sizes.
+        # JAX keys the persistent cache by process and writes it from process 0 only, so in a rerun process 0
+        # loads its programs while the others compile theirs; resumed 2-process runs then failed in gloo with
+        # mismatched collective sizes.
         del env["JAX_COMPILATION_CACHE_DIR"]
+    procs = []
     for i in range(processes):
         cmd = [sys.executable, "tests/process_hook.py", record_dir, *fault_args,
                f"--config=tests/tiny_config.py:{pairs}", f"--workdir={workdir}", f"--mesh={mesh}",
                *distributed_flags(i, processes, port), *[f"--config.{item}" for item in overrides]]
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    deadline = time.time() + timeout
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-        if fault and any(p.poll() == -signal.SIGKILL for p in procs):
-            time.sleep(5)  # the others are killing themselves at the same save, or waiting on the dead one
-            break
-        time.sleep(0.1)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    outputs = [p.communicate() for p in procs]
-    return Launch([p.returncode for p in procs], [o for o, _ in outputs], [e for _, e in outputs], record_dir)
+        with open(os.path.join(record_dir, f"stdout_{i}.txt"), "w") as out, \
+                open(os.path.join(record_dir, f"stderr_{i}.txt"), "w") as err:
+            procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err))
+    return Running(procs, record_dir, fault, time.time() + timeout)

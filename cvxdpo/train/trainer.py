@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import optax
 from absl import logging
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from cvxdpo import config as config_lib
 from cvxdpo import mesh as mesh_lib
@@ -130,7 +131,7 @@ class Trainer:
         mesh_lib.check_batch_divides(config.train.batch_size // config.train.micro_batches, self.mesh,
                                      "train.batch_size / train.micro_batches")
         self.data_stamps = data_file_stamps(config)
-        self.tokenizer, self.train_source, self.eval_source = data_lib.load_data(config, self.workdir)
+        self.tokenizer, self.train_source, self.eval_source = self._load_data()
         tok_cfg = data_lib.tokenize_config(config)
         self.mode = "sft" if config.train.method == "sft" else "pairs"
         model_cfg, params = self._initial_model()
@@ -161,6 +162,25 @@ class Trainer:
         if self.is_main:  # only now: a refused resume leaves the workdir's config.json as it was
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
+
+    def _load_data(self):
+        """(tokenizer, train source, held-out source). With several processes, process 0 loads first and the
+        others once it has: what loading writes (a BPE trained into <workdir>/tokenizer, data downloaded or
+        unpacked into data.cache_dir) is written by process 0 alone, on storage the processes may share, and
+        the others read it back. A failure of process 0 is raised after the barrier, so that the others are not
+        left waiting for it (they go on to load, and meet the same input)."""
+        if jax.process_count() == 1:
+            return data_lib.load_data(self.c, self.workdir)
+        loaded = failure = None
+        if self.is_main:
+            try:
+                loaded = data_lib.load_data(self.c, self.workdir)
+            except Exception as e:  # noqa: BLE001 (raised again after the barrier)
+                failure = e
+        multihost_utils.sync_global_devices("data loaded by process 0")
+        if failure is not None:
+            raise failure
+        return loaded if self.is_main else data_lib.load_data(self.c, self.workdir)
 
     def _initial_model(self):
         """(GPT2Config, parameters or None for a fresh init) from init_from, a hub name/dir, or a preset."""
