@@ -41,6 +41,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -55,6 +56,7 @@ METHODS = {  # method name -> config changes
 }
 PATH_ARGS = ("peer_python", "peer_dir", "shp_path", "json", "only")
 SHP_TRAIN_PAIRS = 348_718  # the SHP card's train rows
+SHP_SAMPLE_BATCHES = 4096  # batches drawn from the length profile to weight the buckets' step times
 # Without SHP files: token lengths drawn log-normally around the card's example row (post 60 GPT-2 tokens, the
 # comments 78 and 70), with a spread (sigma 1) that gives SHP's long tail (posts of several thousand tokens
 # exist; the card recommends truncating to 512). A stated assumption, not SHP's measured distribution.
@@ -202,7 +204,8 @@ def measure(args, method: str) -> dict:
     state_rss_gb = _peak_memory_gb()["peak_rss_gb"]  # runtime, parameters, optimizer state (and reference)
     rng = np.random.default_rng(0)
     steps = args.warmup + args.steps
-    lengths, length_source = _pair_lengths(args, args.batch * (steps if args.data == "synthetic" else 4096), rng)
+    num_batches = steps if args.data == "synthetic" else SHP_SAMPLE_BATCHES
+    lengths, length_source = _pair_lengths(args, args.batch * num_batches, rng)
     batches = [lengths[i * args.batch:(i + 1) * args.batch] for i in range(len(lengths) // args.batch)]
     shapes, seen = {}, {}  # padded length -> [(step seconds, real tokens)], steps run at that length
     compile_s, refit_steps = {}, 0
@@ -403,8 +406,6 @@ def main():
     if peers:
         _prepare_peers(args)
     rows = []
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         for rnd in range(args.repeats if peers else 1):
             for model in args.model.split(","):

@@ -68,7 +68,8 @@ class GPT2Config:
         if self.n_embd % self.n_head:
             raise ConfigError(f"GPT2Config: n_embd={self.n_embd} is not divisible by n_head={self.n_head}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"GPT2Config.remat_policy={self.remat_policy!r} is not one of {', '.join(REMAT_POLICIES)}")
+            raise ConfigError(f"GPT2Config.remat_policy={self.remat_policy!r} is not one of "
+                              f"{', '.join(REMAT_POLICIES)}")
         if self.logprob_chunk < 0:
             raise ConfigError(f"GPT2Config.logprob_chunk must be >= 0, got {self.logprob_chunk}")
         for name in ("dtype", "param_dtype"):
@@ -406,8 +407,8 @@ def sequence_logprobs(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array
     vocab): the log-softmax is formed as gathered logit minus logsumexp, both
     (batch, length), computed in float32.
     """
-    targets_BxL = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)
-    weights_BxL = jnp.concatenate([loss_mask[:, 1:], jnp.zeros_like(loss_mask[:, :1])], axis=1).astype(jnp.float32)
+    targets_BxL = logprobs.shift_left(tokens)
+    weights_BxL = logprobs.shift_left(loss_mask).astype(jnp.float32)
     lse_BxL = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)
     picked_BxL = jnp.take_along_axis(logits, targets_BxL[..., None], axis=-1)[..., 0].astype(jnp.float32)
     return ((picked_BxL - lse_BxL) * weights_BxL).sum(-1), weights_BxL.sum(-1)

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from cvxdpo import mesh as mesh_lib
 
 
-def _shift(x_BxL):
+def shift_left(x_BxL):
     """Position t - 1 scores token t: targets and weights move one step left, the last position scores nothing."""
     return jnp.concatenate([x_BxL[:, 1:], jnp.zeros_like(x_BxL[:, :1])], axis=1)
 
@@ -117,10 +117,10 @@ def response_logprobs(hidden_BxLxE: jax.Array, table_VxE: jax.Array, tokens_BxL:
     are padding. `chunk` positions of every row are scored at a time.
     """
     B, L, _ = hidden_BxLxE.shape
-    weights_BxL = _shift(loss_mask_BxL).astype(jnp.float32)
+    weights_BxL = shift_left(loss_mask_BxL).astype(jnp.float32)
     order_BxL = jnp.argsort(weights_BxL == 0, axis=1, stable=True)  # scored positions first, in order
     weights_BxL = jnp.take_along_axis(weights_BxL, order_BxL, axis=1)
-    targets_BxL = jnp.take_along_axis(_shift(tokens_BxL), order_BxL, axis=1)
+    targets_BxL = jnp.take_along_axis(shift_left(tokens_BxL), order_BxL, axis=1)
     h_BxLxE = jnp.take_along_axis(hidden_BxLxE, order_BxL[..., None], axis=1)
     pad = -L % chunk
     if pad:
