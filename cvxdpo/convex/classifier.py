@@ -33,7 +33,8 @@ class ConvexReLUClassifier:
     variant: str = "gated"
     seed: int = 0
     max_iter: int = 20_000
-    preconditioner: str = "jacobi"
+    preconditioner: str = "shared"
+    pass_dtype: str | None = "float32"  # CG passes over X in float32 on float64 data (None: exact)
     adaptive_rho: bool | None = None  # None: the solver's default for the variant
     gap_tol: float = 1e-7
     mesh: jax.sharding.Mesh | None = None
@@ -43,7 +44,7 @@ class ConvexReLUClassifier:
     def _config(self) -> admm.ADMMConfig:
         return admm.ADMMConfig(loss=self.loss, variant=self.variant, beta=self.beta, max_iter=self.max_iter,
                                preconditioner=self.preconditioner, adaptive_rho=self.adaptive_rho,
-                               gap_tol=self.gap_tol)
+                               gap_tol=self.gap_tol, pass_dtype=self.pass_dtype)
 
     def _axes(self) -> gr.Axes:
         return gr.Axes(self.gate_axis, self.row_axis) if self.mesh is not None else gr.Axes()
