@@ -115,6 +115,14 @@ def dual_direction(f, y, loss: str) -> jax.Array:
 
 
 def dual_bound(X, y, M, signs, theta, beta, loss: str, axes: Axes = Axes(), bisection_steps: int = 40) -> jax.Array:
+    """The best lower bound on the optimum along the ray s * theta: dual_bound_given with F^T theta computed
+    here, after clipping a logistic theta into the entropy's domain."""
+    if loss == "logistic":
+        theta = y * jnp.clip(theta * y, 0.0, 1.0)  # the entropy's domain; clipping keeps the bound valid
+    return dual_bound_given(adjoint(X, M, signs, theta, axes), y, theta, beta, loss, axes, bisection_steps)
+
+
+def dual_bound_given(Ft_theta, y, theta, beta, loss: str, axes: Axes = Axes(), bisection_steps: int = 40):
     """The best lower bound on the optimum along the ray s * theta (s >= 0 for logistic), any theta (n,).
 
     The dual is max_theta -loss*(-theta) s.t. ||X^T D_i theta|| <= beta: theta.y - ||theta||^2 / 2 for the
@@ -123,10 +131,10 @@ def dual_bound(X, y, M, signs, theta, beta, loss: str, axes: Axes = Axes(), bise
     first-order amount whenever theta is off the optimum; the best s on the ray is closed form for the
     squared loss (clip(theta.y / ||theta||^2, -smax, smax)) and, for the logistic loss, the root of the
     decreasing derivative sum_j a_j log((1 - s a_j) / (s a_j)) (a = theta y), found by bisection.
+    Ft_theta must be F^T theta computed exactly (it decides feasibility); a logistic theta must have
+    0 <= theta y <= 1 (dual_bound clips it).
     """
-    if loss == "logistic":
-        theta = y * jnp.clip(theta * y, 0.0, 1.0)  # the entropy's domain; clipping keeps the bound valid
-    worst = pmax(jnp.max(group_norms(adjoint(X, M, signs, theta, axes))), axes.gates)
+    worst = pmax(jnp.max(group_norms(Ft_theta)), axes.gates)
     smax = beta / jnp.maximum(worst, 1e-30)
     if loss == "squared":
         ty, tt = psum(jnp.dot(theta, y), axes.rows), psum(jnp.dot(theta, theta), axes.rows)
