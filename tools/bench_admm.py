@@ -22,7 +22,7 @@ that bound without knowing f_star (--stop=certificate); compilation and a warm-u
 The JSON holds {"time_s", "iterations", "objective", "rel_subopt", "threads"} and, for the certificate,
 "certified_gap" (an upper bound on rel_subopt). --weights saves the solution [d, P]. A target run also stops
 if it certifies a 1e-13 gap first (it never does at tol >= 1e-10), which spares it the residual test, and
-it runs with normalize_dual=False (its certified_gap is then the plain, looser one).
+it runs with normalize_steps=0 (its certified_gap is then the plain, looser one).
 
 The solver runs with its defaults (float64 iterates, float32 CG passes, the shared preconditioner, 2 CG
 steps per iteration). --admm KEY=VALUE (repeatable) overrides any admm.ADMMConfig field for a lever
@@ -101,7 +101,7 @@ from cvxdpo.convex import gated_relu as gr  # noqa: E402
 # so that the residual stopping test, which target runs do not need, is not evaluated either; and it keeps
 # only the plain certificate (the normalized dual point, which only a certified stop needs, costs a pass).
 TARGET_GAP_TOL = 1e-13
-TARGET_OVERRIDES = {"normalize_dual": False}
+TARGET_OVERRIDES = {"normalize_steps": 0}
 SCNN_MISSING = ("scnn is not installed: pip install --no-deps pyscnn==0.0.10 linalg_backends "
                 "(beside torch, numpy, scipy and opt_einsum)")
 
