@@ -55,7 +55,7 @@ def test_gated_relu_reaches_the_global_optimum(loss, seed):
 
 @pytest.mark.parametrize("loss", ["squared", "logistic"])
 def test_gated_relu_in_float32_reaches_the_cvxpy_optimum(loss):
-    """The same problem with float32 data: the solve runs in float32 (2 CG steps, the extrapolated dual
+    """The same problem with float32 data: the solve runs in float32 (2 CG steps, the normalized dual
     point) and certifies a 1e-5 relative gap, about 100 float32 epsilons: the objective's 200-row sums round
     at a few 1e-7, which leaves a 1e-6 certificate little room. Its weights, scored in float64, are within
     the certified 1e-5 of Clarabel's optimum (measured 3e-10: the float32 certificate is the loose part)."""

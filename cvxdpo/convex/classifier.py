@@ -145,7 +145,7 @@ class ConvexReLUClassifier:
         self._check_fitted()
         X, y, M, signs = self._data
         primal = gr.objective(X, y, M, signs, self.weights_, self.beta, self.loss)
-        # the solver's best certified bound (extrapolated dual points), or the one z gives if better
+        # the solver's best certified bound (normalized dual points), or the one z gives if better
         dual = jnp.maximum(self.info_.lower_bound, gr.dual_value(X, y, M, signs, self.state_.z, self.beta, self.loss))
         return float((primal - dual) / jnp.abs(primal))
 
