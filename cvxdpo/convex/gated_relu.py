@@ -117,9 +117,14 @@ def dual_direction(f, y, loss: str) -> jax.Array:
 def dual_bound(X, y, M, signs, theta, beta, loss: str, axes: Axes = Axes(), bisection_steps: int = 40) -> jax.Array:
     """The best lower bound on the optimum along the ray s * theta: dual_bound_given with F^T theta computed
     here, after clipping a logistic theta into the entropy's domain."""
-    if loss == "logistic":
-        theta = y * jnp.clip(theta * y, 0.0, 1.0)  # the entropy's domain; clipping keeps the bound valid
+    theta = dual_domain(theta, y, loss)
     return dual_bound_given(adjoint(X, M, signs, theta, axes), y, theta, beta, loss, axes, bisection_steps)
+
+
+def dual_domain(theta, y, loss: str) -> jax.Array:
+    """theta clipped into the dual's domain: 0 <= theta y <= 1 for the logistic loss (the binary entropy's),
+    unchanged for the squared loss. Clipping keeps any bound built from it valid."""
+    return y * jnp.clip(theta * y, 0.0, 1.0) if loss == "logistic" else theta
 
 
 def dual_bound_given(Ft_theta, y, theta, beta, loss: str, axes: Axes = Axes(), bisection_steps: int = 40):
@@ -132,7 +137,7 @@ def dual_bound_given(Ft_theta, y, theta, beta, loss: str, axes: Axes = Axes(), b
     squared loss (clip(theta.y / ||theta||^2, -smax, smax)) and, for the logistic loss, the root of the
     decreasing derivative sum_j a_j log((1 - s a_j) / (s a_j)) (a = theta y), found by bisection.
     Ft_theta must be F^T theta computed exactly (it decides feasibility); a logistic theta must have
-    0 <= theta y <= 1 (dual_bound clips it).
+    0 <= theta y <= 1 (dual_domain).
     """
     worst = pmax(jnp.max(group_norms(Ft_theta)), axes.gates)
     smax = beta / jnp.maximum(worst, 1e-30)
